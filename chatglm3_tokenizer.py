@@ -166,18 +166,23 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         return (target,)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Writes tokenizer.model plus a config that needs no remote code to read."""
+        """Writes tokenizer.model (read back by `load_tokenizer` as this class) plus tokenizer.json,
+        chat_template.jinja and a tokenizer_config.json that `AutoTokenizer.from_pretrained` loads
+        with no remote code as the equivalent generic fast tokenizer, chat template included."""
+        from fast_tokenizer import build_fast_tokenizer  # imports this module
+
         os.makedirs(save_directory, exist_ok=True)
+        build_fast_tokenizer(self.vocab_file, padding_side=self.padding_side).save_pretrained(save_directory)
         self.save_vocabulary(save_directory)
-        config = {
-            "tokenizer_class": "ChatGLM3Tokenizer",
-            "padding_side": self.padding_side,
-            "eos_token": "</s>", "pad_token": "<unk>", "unk_token": "<unk>",
-            "special_tokens": self.special_token_ids,
-        }
-        with open(os.path.join(save_directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        return (os.path.join(save_directory, TOKENIZER_MODEL_FILE),)
+        config_file = os.path.join(save_directory, "tokenizer_config.json")
+        with open(config_file) as f:
+            config = json.load(f)
+        with open(os.path.join(save_directory, "chat_template.jinja")) as f:
+            config["chat_template"] = f.read()  # also for readers that predate chat_template.jinja
+        config["special_tokens"] = self.special_token_ids
+        with open(config_file, "w") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        return (os.path.join(save_directory, TOKENIZER_MODEL_FILE), config_file)
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
