@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Fine-tune a ChatGLM3-family model: full fine-tuning (DeepSpeed ZeRO), P-Tuning v2 or LoRA.
+
+    python finetune.py --model_name_or_path MODEL --train_format multi-turn \\
+        --train_file formatted_data/tool_alpaca.jsonl --output_dir output/run --do_train \\
+        --pre_seq_len 128 --max_steps 1000 --learning_rate 2e-2
+    python finetune.py args.json      # one .json or .yaml file instead of the flags
+
+Rerunning the same command into the same --output_dir continues from its newest complete
+checkpoint; --resume_from_checkpoint PATH names one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import transformers
+from transformers import set_seed
+
+from arguments import OptionError, check_options, parse_args
+from chatglm3_tokenizer import load_tokenizer
+from model_loading import ModelLoadError, load_for_training
+from preprocess_utils import (
+    MULTI_TURN, DataCollatorForChatGLM, DataError, LengthLimits, print_sanity_check, read_records,
+    tokenize_records, validate_records,
+)
+
+logger = logging.getLogger("finetune")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def setup_logging(training_args) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_explicit_format()
+
+
+def length_limits(data_args) -> LengthLimits:
+    if data_args.train_format == MULTI_TURN:
+        return LengthLimits(max_seq_length=data_args.max_seq_length)
+    return LengthLimits(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
+
+
+def max_sequence_length(data_args) -> int:
+    limits = length_limits(data_args)
+    return limits.max_seq_length or limits.max_source_length + limits.max_target_length + 1
+
+
+def read_and_validate(path: str, train_format: str, max_samples: int | None):
+    records = read_records(path)
+    validate_records(records, train_format)
+    return records[:max_samples] if max_samples else records
+
+
+def load_split(path, max_samples, tokenizer, data_args, training_args, description: str):
+    """Validated records of one file -> a tokenized Dataset of input_ids/labels (plus a report)."""
+    records = read_and_validate(path, data_args.train_format, max_samples)
+    with training_args.main_process_first(desc=f"tokenizing {description}"):
+        dataset, report = tokenize_records(
+            tokenizer, records, data_args.train_format, length_limits(data_args),
+            num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
+            overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
+    logger.info("%s data %s: %s", description, path, report.summary())
+    return dataset.select_columns(["input_ids", "labels"]), report
+
+
+def build_collator(tokenizer, data_args):
+    if data_args.packing:
+        from packing import PackedCollator
+
+        return PackedCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+    return DataCollatorForChatGLM(
+        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of,
+        max_length=max_sequence_length(data_args) if data_args.pad_to_max_length else None)
+
+
+def pack_dataset(dataset, data_args):
+    import datasets
+
+    from packing import pack_features
+
+    rows = pack_features(list(dataset), max_sequence_length(data_args))
+    logger.info("Packed %d records into %d rows of at most %d tokens", len(dataset), len(rows),
+                max_sequence_length(data_args))
+    return datasets.Dataset.from_list(rows)
+
+
+def resume_checkpoint(training_args) -> str | None:
+    from trainer import find_resume_checkpoint, is_complete_checkpoint
+
+    if training_args.resume_from_checkpoint:
+        path = training_args.resume_from_checkpoint
+        if not is_complete_checkpoint(path):
+            fail(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no readable "
+                 f"trainer_state.json and weights)")
+        return path
+    found = find_resume_checkpoint(training_args.output_dir)
+    if found:
+        logger.info("Resuming from %s (the newest complete checkpoint in %s)", found, training_args.output_dir)
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args = parse_args(argv)
+    try:
+        check_options(model_args, data_args, training_args)
+    except OptionError as e:
+        fail(str(e))
+    setup_logging(training_args)
+    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    set_seed(training_args.seed)
+
+    try:
+        tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+    except FileNotFoundError as e:
+        fail(str(e))
+
+    splits = {}
+    try:
+        if training_args.do_train:
+            splits["train"] = load_split(data_args.train_file, data_args.max_train_samples, tokenizer,
+                                         data_args, training_args, "training")
+        if training_args.do_eval:
+            splits["eval"] = load_split(data_args.validation_file, data_args.max_eval_samples, tokenizer,
+                                        data_args, training_args, "validation")
+        if training_args.do_predict:
+            splits["test"] = load_split(data_args.test_file, data_args.max_predict_samples, tokenizer,
+                                        data_args, training_args, "test")
+    except DataError as e:
+        fail(str(e))
+    if "train" in splits and training_args.process_index == 0:
+        first = splits["train"][0][0]
+        print_sanity_check(tokenizer, first["input_ids"], first["labels"])
+    train_dataset = splits.get("train", (None,))[0]
+    if train_dataset is not None and data_args.packing:
+        train_dataset = pack_dataset(train_dataset, data_args)
+
+    resume_from = resume_checkpoint(training_args) if training_args.do_train else None
+    try:
+        model = load_for_training(model_args, training_args)
+    except ModelLoadError as e:
+        fail(str(e))
+
+    from trainer import ChatGLMTrainer, plot_loss_curve, write_run_config
+
+    trainer = ChatGLMTrainer(
+        model=model, args=training_args, train_dataset=train_dataset,
+        eval_dataset=splits.get("eval", (None,))[0], data_collator=build_collator(tokenizer, data_args),
+        processing_class=tokenizer,
+    )
+    if training_args.should_save:
+        write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()
+        metrics = dict(result.metrics, train_records=len(splits["train"][0]),
+                       train_supervised_tokens=splits["train"][1].targets)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        if training_args.should_save:
+            curve = plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
+            if curve:
+                logger.info("Loss curve: %s", curve)
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    finish_distributed()
+
+
+def finish_distributed() -> None:
+    """A barrier and an orderly teardown: without it a ZeRO-3 rank can abort at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

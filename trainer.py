@@ -1,0 +1,144 @@
+"""The Trainer subclass: saves only what was trained (the P-Tuning prefix, LoRA adapters) or the
+whole model for full fine-tuning, logs supervised tokens, writes run_config.json and a loss
+curve, and finds the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+
+import torch
+from transformers import Seq2SeqTrainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from prefix_tuning import PrefixTuningModel, load_prefix_state
+from preprocess_utils import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "prefix_encoder.safetensors", "adapter_model.safetensors",
+                "adapter_model.bin")
+
+
+class ChatGLMTrainer(Seq2SeqTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._supervised_tokens = 0
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # ---- loss and logging ----------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and "labels" in inputs:
+            self._supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            count = torch.tensor(self._supervised_tokens, device=self.args.device)
+            self._supervised_tokens = 0
+            self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
+                self.accelerator.reduce(count, reduction="sum"))
+            logs["supervised_tokens"] = self.state.supervised_tokens
+        super().log(logs, start_time)
+
+    # ---- saving and loading --------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self._unwrapped()
+        if not isinstance(model, PrefixTuningModel):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        # Every rank calls this: under ZeRO-3 the prefix is gathered (only the prefix, not the base).
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(target, PrefixTuningModel):
+            _, state = load_prefix_state(resume_from_checkpoint)
+            target.prefix_encoder.load_state_dict(state)
+            logger.info("Loaded the prefix from %s", resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+# ---- resuming -----------------------------------------------------------------------------------
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder whose trainer state (written last) is readable and that holds weights."""
+    state_file = os.path.join(path, "trainer_state.json")
+    try:
+        with open(state_file) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    names = os.listdir(path)
+    return any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` in output_dir; partial ones are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                   reverse=True)
+    for _, name in steps:
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Ignoring the incomplete checkpoint %s (interrupted while saving)", path)
+    return None
+
+
+# ---- run records --------------------------------------------------------------------------------
+
+def write_run_config(output_dir: str, **option_groups) -> str:
+    """run_config.json: every option used, grouped as given (model, data, training)."""
+    os.makedirs(output_dir, exist_ok=True)
+    record = {}
+    for group, options in option_groups.items():
+        values = options.to_dict() if hasattr(options, "to_dict") else dataclasses.asdict(options)
+        record[group] = json.loads(json.dumps(values, default=str))
+    path = os.path.join(output_dir, "run_config.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False)
+    return path
+
+
+def plot_loss_curve(log_history: list[dict], path: str) -> str | None:
+    """A PNG of training (and evaluation) loss against the step; None when nothing was logged."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    if not train and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss")
+    if evaluation:
+        ax.plot(*zip(*evaluation), marker="o", label="evaluation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
