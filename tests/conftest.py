@@ -42,3 +42,32 @@ def tiny_tokenizer(tiny_model_dir):
     from chatglm3_tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def formatted_samples(tmp_path_factory):
+    """The bundled samples through the two converters: {"multi-turn": path, "input-output": path}."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("formatted_data")
+    tool = out / "tool_alpaca.jsonl"
+    advert = out / "advertise_gen.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "format_tool_alpaca.py"), "--path",
+                    str(ROOT / "data" / "sample" / "tool_alpaca_train.json"), "--output", str(tool)],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "format_advertise_gen.py"), "--path",
+                    str(ROOT / "data" / "sample" / "advertise_gen_train.json"), "--output", str(advert)],
+                   check=True, capture_output=True)
+    return {"multi-turn": str(tool), "input-output": str(advert)}
+
+
+def run_finetune(*args: str, env: dict | None = None, check: bool = True, timeout: int = 300):
+    """Runs finetune.py in a subprocess on the CPU; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    result = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], capture_output=True, text=True,
+                            env=full_env, cwd=str(ROOT), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"finetune.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
