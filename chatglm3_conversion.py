@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +208,12 @@ def load_shard(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:  # legacy (pre-zip) torch.save files cannot be memory-mapped
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def output_shard_names(count: int) -> list[str]:
@@ -227,7 +233,10 @@ def convert_weights(input_dir: str, output_dir: str, shape: AttentionShape, dtyp
     total_bytes = 0
     for shard, out_name in zip(kept, output_shard_names(len(kept))):
         logger.info("converting %s -> %s", shard, out_name)
-        state = load_shard(os.path.join(input_dir, shard))
+        try:
+            state = load_shard(os.path.join(input_dir, shard))
+        except Exception as error:  # a damaged or foreign file: say which one, without a traceback
+            raise ConversionError(f"{os.path.join(input_dir, shard)}: cannot read the weights ({error})") from error
         converted = convert_state(state, shape, dtype)
         del state
         clash = set(converted) & set(weight_map)
@@ -273,11 +282,15 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str | torch.dtype
                               f"{config.vocab_size} embeddings; tokenizer.model does not belong to this model")
 
     os.makedirs(output_dir, exist_ok=True)
-    weight_map = convert_weights(input_dir, output_dir, attention_shape(original), dtype)
-    missing = expected_tensor_names(config) - set(weight_map)
-    if missing:
-        raise ConversionError(f"{input_dir}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}; "
-                              f"the output in {output_dir} is incomplete")
+    try:
+        weight_map = convert_weights(input_dir, output_dir, attention_shape(original), dtype)
+        missing = expected_tensor_names(config) - set(weight_map)
+        if missing:
+            raise ConversionError(f"{input_dir}: the checkpoint lacks {len(missing)} tensors, "
+                                  f"e.g. {sorted(missing)[0]}")
+    except ConversionError:
+        shutil.rmtree(output_dir)  # it was empty or absent before: leave no half-converted model behind
+        raise
     config.save_pretrained(output_dir)
     GenerationConfig(eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

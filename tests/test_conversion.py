@@ -239,6 +239,24 @@ def test_refuses_missing_files_and_a_used_output(original_dir, tmp_path, capsys)
     assert "not empty" in capsys.readouterr().err
 
 
+def test_refuses_incomplete_or_unreadable_weights_and_leaves_no_output(original_dir, tmp_path, capsys):
+    incomplete = tmp_path / "incomplete"
+    copy_non_weights(original_dir, incomplete)
+    state = original_state(original_dir)
+    del state["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"]
+    torch.save(state, incomplete / "pytorch_model.bin")
+    assert run_cli("--input", str(incomplete), "--output", str(tmp_path / "o1")) == 2
+    assert "lacks 1 tensors, e.g. model.layers.1.mlp.down_proj.weight" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
+
+    unreadable = tmp_path / "unreadable"
+    copy_non_weights(original_dir, unreadable)
+    (unreadable / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    assert run_cli("--input", str(unreadable), "--output", str(tmp_path / "o2")) == 2
+    assert "pytorch_model.bin: cannot read the weights" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_refuses_quantized_weights(original_dir):
     shape = AttentionShape(4, 2, 8)
     with pytest.raises(ConversionError, match="quantized"):
