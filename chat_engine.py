@@ -1,0 +1,460 @@
+"""One chat engine for inference.py, evaluation and the API server: a loaded model + tokenizer
+that turns ChatGLM3 messages into prompt ids, generates (batched, streamed) and parses replies.
+
+    chat = load_chat_model("models/base", pt_checkpoint="output/pt")     # or lora=..., or a full model
+    ids = chat.chat_input_ids([Message("user", "", "Hello", False)])
+    reply = chat.reply([Message("user", "", "Hello", False)])            # AssistantReply
+    for piece in chat.stream(ids, max_new_tokens=64):                     # text as it is generated
+        print(piece, end="")
+
+Generation stops on eos, `<|user|>` and `<|observation|>` (the stop token is not returned).
+Generated text is the raw assistant message: its metadata line first (empty for a plain answer,
+so plain text starts with "\\n"), then the content; `parse_assistant_reply` reads it, and
+`MetadataSplitter` separates the two while streaming. Records in the data format become
+messages with `preprocess_utils.conversation_messages({"tools": ..., "conversations": [...]})`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from chat_parsing import AssistantReply, parse_assistant_reply
+from model_loading import ModelLoadError, load_base_model, resolve_dtype
+from preprocess_utils import Message, build_chat_input
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.8
+
+
+@dataclass
+class Completion:
+    """One generated row: new token ids (no stop token), its text and why it ended.
+
+    finish_reason is "stop" (a stop token or stop string) or "length" (max_new_tokens reached).
+    With a stop string, `text` ends before it and `token_ids` end with the token that completed it.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class ChatModel:
+    """A causal LM (plain, LoRA-merged, fully fine-tuned or a PrefixTuningModel) and its tokenizer."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(tokenizer.stop_token_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def is_prefix_tuned(self) -> bool:
+        from prefix_tuning import PrefixTuningModel
+
+        return isinstance(self.model, PrefixTuningModel)
+
+    # ---- prompts ----------------------------------------------------------------------------
+
+    def chat_input_ids(self, messages: list[Message]) -> list[int]:
+        """`[gMASK] sop` + the messages + `<|assistant|>`, exactly as training renders them."""
+        return build_chat_input(self.tokenizer, messages)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, prompt_ids_batch: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 stop_strings: list[str] | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+        """New token ids per prompt (left-padded batch), without the stop token."""
+        return [c.token_ids for c in self.generate_completions(
+            prompt_ids_batch, max_new_tokens, do_sample, temperature, top_p, stop_strings, min_new_tokens)]
+
+    def generate_completions(self, prompt_ids_batch: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                             do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE,
+                             top_p: float = DEFAULT_TOP_P, stop_strings: list[str] | None = None,
+                             min_new_tokens: int = 0) -> list[Completion]:
+        """Like `generate`, with each row's text and finish reason. `min_new_tokens` forbids the
+        stop tokens before that many new tokens (benchmarks use it to time fixed lengths)."""
+        if not prompt_ids_batch:
+            return []
+        input_ids, attention_mask = left_pad(prompt_ids_batch, self.tokenizer.pad_token_id, self.device)
+        width = input_ids.shape[1]
+        criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, stop_strings, width)] if stop_strings else [])
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria,
+            **self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, min_new_tokens))
+        return [self._completion(row.tolist(), max_new_tokens, stop_strings) for row in output[:, width:]]
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,
+               temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+               stop_strings: list[str] | None = None) -> "TextStream":
+        """Decoded text pieces of one prompt's reply as they are generated (see TextStream)."""
+        options = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, 0)
+        return TextStream(self, prompt_ids, options, stop_strings or [])
+
+    def reply(self, messages: list[Message], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,
+              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P) -> AssistantReply:
+        """The assistant's next message, parsed (a plain answer, a tool call, interpreter code)."""
+        completion = self.generate_completions([self.chat_input_ids(messages)], max_new_tokens, do_sample,
+                                               temperature, top_p)[0]
+        return parse_assistant_reply(completion.text)
+
+    def _generation_kwargs(self, max_new_tokens, do_sample, temperature, top_p, min_new_tokens) -> dict:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "eos_token_id": self.stop_token_ids,
+                  "pad_token_id": self.tokenizer.pad_token_id, "num_beams": 1}
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
+        return kwargs
+
+    def _completion(self, new_ids: list[int], max_new_tokens: int, stop_strings: list[str] | None) -> Completion:
+        ids, finish = cut_at_stop_token(new_ids, self.stop_token_ids)
+        if finish is None:
+            finish = "length" if len(ids) >= max_new_tokens else "stop"
+        text = self.decode(ids)
+        position = first_stop_string(text, stop_strings or [])
+        if position is not None:
+            text, finish = text[:position[0]], "stop"
+            ids = ids[:shortest_prefix_containing(ids, position[1], self.decode)]
+        return Completion(ids, text, finish)
+
+
+# ---- helpers for batches and stops --------------------------------------------------------------
+
+def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row right-aligned, padding on the left."""
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("an empty prompt cannot be generated from")
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def cut_at_stop_token(ids: list[int], stop_token_ids: list[int]) -> tuple[list[int], str | None]:
+    """The ids before the first stop token, and "stop" if there was one."""
+    for i, token in enumerate(ids):
+        if token in stop_token_ids:
+            return ids[:i], "stop"
+    return ids, None
+
+
+def first_stop_string(text: str, stop_strings: list[str]) -> tuple[int, str] | None:
+    """(position, stop string) of the earliest stop string in text, or None."""
+    found = [(text.find(s), s) for s in stop_strings if s and s in text]
+    return min(found) if found else None
+
+
+def shortest_prefix_containing(ids: list[int], stop_string: str, decode) -> int:
+    for end in range(1, len(ids) + 1):
+        if stop_string in decode(ids[:end]):
+            return end
+    return len(ids)
+
+
+def held_back_length(text: str, stop_strings: list[str]) -> int:
+    """How many trailing characters to keep back while streaming: an incomplete UTF-8 character
+    (decoded as U+FFFD) or the start of a stop string."""
+    hold = 0
+    if text.endswith("\ufffd"):
+        hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return hold
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a row once its new text (special tokens skipped) contains one of the stop strings."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, list(stop_strings), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenQueue(BaseStreamer):
+    """Receives each new token from `generate` (the first `put` is the prompt, skipped)."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+_FINISHED = object()
+
+
+class TextStream:
+    """Iterator over the text pieces of one reply, generated in a background thread.
+
+    `close()` (or leaving a `with` block, or dropping the iterator) stops the generation at the
+    next token. After the iteration ends, `finish_reason` ("stop" or "length"), `token_ids` and
+    `text` describe the whole reply; "".join(pieces) == text.
+    """
+
+    def __init__(self, chat: ChatModel, prompt_ids: list[int], generate_kwargs: dict, stop_strings: list[str]):
+        self.chat, self.prompt_ids, self.generate_kwargs = chat, list(prompt_ids), generate_kwargs
+        self.stop_strings = stop_strings
+        self.max_new_tokens = generate_kwargs["max_new_tokens"]
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._pieces = self._run()
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self) -> Iterator[str]:
+        streamer, cancel = _TokenQueue(), threading.Event()
+        failure: list[BaseException] = []
+        thread = threading.Thread(target=self._generate, args=(streamer, cancel, failure), daemon=True)
+        thread.start()
+        emitted = ""
+        try:
+            while self.finish_reason is None:
+                item = streamer.queue.get()
+                if item is _FINISHED:
+                    if failure:
+                        raise failure[0]
+                    self.finish_reason = "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
+                    break
+                for token in item:
+                    if token in self.chat.stop_token_ids:
+                        self.finish_reason = "stop"
+                        break
+                    self.token_ids.append(token)
+                text = self.chat.decode(self.token_ids)
+                found = first_stop_string(text, self.stop_strings)
+                if found is not None:
+                    self.text, self.finish_reason = text[:found[0]], "stop"
+                    break
+                self.text = text
+                ready = text[:len(text) - held_back_length(text, self.stop_strings)]
+                if self.finish_reason is None and ready.startswith(emitted) and len(ready) > len(emitted):
+                    yield ready[len(emitted):]
+                    emitted = ready
+            if self.text.startswith(emitted) and len(self.text) > len(emitted):
+                yield self.text[len(emitted):]
+        finally:
+            cancel.set()
+            thread.join()
+
+    def _generate(self, streamer: _TokenQueue, cancel: threading.Event, failure: list) -> None:
+        try:
+            input_ids, attention_mask = left_pad([self.prompt_ids], self.chat.tokenizer.pad_token_id, self.chat.device)
+            self.chat.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                                     **self.generate_kwargs)
+        except BaseException as e:  # handed to the consumer, which raises it
+            failure.append(e)
+        finally:
+            streamer.queue.put(_FINISHED)
+
+
+class MetadataSplitter:
+    """Splits a streamed reply into its metadata line and its content, piece by piece.
+
+    `feed(piece)` returns the content text that can be shown now (nothing until the metadata
+    line has ended; leading blanks of the content are dropped); `metadata` is None until then.
+    `finish()` returns what is still held (all of the text when no line break ever came).
+    """
+
+    def __init__(self):
+        self.metadata: str | None = None
+        self._buffer = ""
+        self._content_started = False
+
+    def feed(self, piece: str) -> str:
+        if self.metadata is None:
+            self._buffer += piece
+            head, newline, rest = self._buffer.partition("\n")
+            if not newline:
+                return ""
+            self.metadata, self._buffer = head.strip(), ""
+            piece = rest
+        if not self._content_started:
+            piece = piece.lstrip()
+            self._content_started = bool(piece)
+        return piece
+
+    def finish(self) -> str:
+        held, self._buffer = self._buffer, ""
+        return held.strip() if self.metadata is None else ""
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def load_chat_model(model: str, tokenizer: str | None = None, pt_checkpoint: str | None = None,
+                    pt_pre_seq_len: int | None = None, lora: str | None = None, device: str = "auto",
+                    dtype: str = "auto", trust_remote_code: bool = False) -> ChatModel:
+    """A ChatModel from folders: a base model plus a P-Tuning v2 prefix (this toolkit's format or
+    the original ChatGLM3 one) or a LoRA adapter (merged), or a fully fine-tuned model.
+
+    The tokenizer comes from `tokenizer`, else the first of the model, prefix and adapter folders
+    that holds one. A prefix or adapter folder given as `model` is resolved to the base it names.
+    Raises ModelLoadError with what to do when something does not fit.
+    """
+    from chatglm3_tokenizer import load_tokenizer
+
+    if pt_checkpoint and lora:
+        raise ModelLoadError("choose one of a P-Tuning checkpoint and a LoRA adapter, not both")
+    model, pt_checkpoint, lora = _resolve_adapter_given_as_model(model, pt_checkpoint, lora)
+    for name, path in (("model", model), ("P-Tuning checkpoint", pt_checkpoint), ("LoRA adapter", lora),
+                       ("tokenizer", tokenizer)):
+        if path and not os.path.exists(path):
+            raise ModelLoadError(f"{name} {path}: no such folder")
+    tokenizer_dir = tokenizer or _first_tokenizer_folder([model, pt_checkpoint, lora])
+    try:
+        chat_tokenizer = load_tokenizer(tokenizer_dir or model)
+    except FileNotFoundError:
+        raise ModelLoadError(f"no tokenizer.model in {tokenizer or model}: pass --tokenizer with the base "
+                             f"model's folder") from None
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, frozen_base=True, use_cpu=device == "cpu")
+    base = load_base_model(model, torch_dtype, trust_remote_code, device_map=device if device != "cpu" else None)
+    if pt_checkpoint:
+        loaded = _with_prefix(base, pt_checkpoint, pt_pre_seq_len)
+    elif lora:
+        loaded = _with_lora(base, lora)
+    else:
+        if pt_pre_seq_len is not None:
+            raise ModelLoadError("--pt-pre-seq-len needs --pt-checkpoint")
+        loaded = base
+    return ChatModel(loaded.to(device), chat_tokenizer)
+
+
+def _resolve_adapter_given_as_model(model: str, pt_checkpoint: str | None, lora: str | None):
+    """`--model PREFIX_DIR` or `--model ADAPTER_DIR` without a base: use the base the folder names."""
+    found = _adapter_checkpoint(model) if os.path.isdir(model) else None
+    if found is None:
+        return model, pt_checkpoint, lora
+    kind, base = found
+    slot_free = pt_checkpoint is None if kind == "pt" else lora is None
+    if slot_free and base and os.path.isdir(base):
+        logger.info("%s is a %s checkpoint of %s", model, "P-Tuning" if kind == "pt" else "LoRA", base)
+        return (base, model, lora) if kind == "pt" else (base, pt_checkpoint, model)
+    flag, what = ("--pt-checkpoint", "a P-Tuning checkpoint") if kind == "pt" else ("--lora", "a LoRA adapter")
+    raise ModelLoadError(f"{model} is {what}, not a model: pass it as {flag} {model} and the base model "
+                         f"as --model BASE")
+
+
+def _adapter_checkpoint(folder: str) -> tuple[str, str | None] | None:
+    """("pt" or "lora", the base model it names) for a prefix or adapter folder, None for a model."""
+    from prefix_tuning import read_prefix_settings
+
+    if os.path.isfile(os.path.join(folder, "prefix_config.json")) or _is_prefix_config(folder):
+        try:
+            return "pt", read_prefix_settings(folder).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            return "pt", None
+    adapter_config = os.path.join(folder, "adapter_config.json")
+    if os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(folder, "config.json")):
+        with open(adapter_config, encoding="utf-8") as f:
+            return "lora", json.load(f).get("base_model_name_or_path")
+    return None
+
+
+def _is_prefix_config(folder: str) -> bool:
+    """An original-format P-Tuning folder: its config.json has pre_seq_len."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("pre_seq_len"))
+    except (OSError, ValueError):
+        return False
+
+
+def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
+    for folder in folders:
+        if folder and os.path.isfile(os.path.join(folder, "tokenizer.model")):
+            return folder
+    return None
+
+
+def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
+    from prefix_tuning import PrefixTuningModel
+
+    try:
+        return PrefixTuningModel.from_pretrained(base, checkpoint, pre_seq_len=pre_seq_len)
+    except (ValueError, FileNotFoundError) as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def _with_lora(base, adapter: str):
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
+__all__ = ["ChatModel", "Completion", "TextStream", "MetadataSplitter", "load_chat_model", "left_pad",
+           "DEFAULT_MAX_NEW_TOKENS"]
