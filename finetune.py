@@ -16,10 +16,13 @@ import logging
 import os
 import sys
 
-import transformers
-from transformers import set_seed
+# bitsandbytes warns at import, on every CPU run, about an optional kernel download we never want.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from arguments import OptionError, check_options, parse_args
+import transformers  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from arguments import OptionError, check_options, parse_args  # noqa: E402
 from chatglm3_tokenizer import load_tokenizer
 from model_loading import ModelLoadError, load_for_training
 from preprocess_utils import (
@@ -69,6 +72,9 @@ def load_split(path, max_samples, tokenizer, data_args, training_args, descripti
             num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
             overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
     logger.info("%s data %s: %s", description, path, report.summary())
+    if len(dataset) == 0:
+        raise DataError(f"{path}: no records left after --truncation_policy drop ({report.summary()}); "
+                        f"raise the length caps")
     return dataset.select_columns(["input_ids", "labels"]), report
 
 
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
-        metrics = dict(result.metrics, train_records=len(splits["train"][0]),
+        metrics = dict(result.metrics, train_records=splits["train"][1].records - splits["train"][1].dropped,
                        train_supervised_tokens=splits["train"][1].targets)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

@@ -1,0 +1,157 @@
+"""finetune.py end to end on the CPU with a tiny model: options, outputs, resume."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_finetune
+
+
+def common_args(model_dir, data, output_dir, *extra):
+    return ["--model_name_or_path", model_dir, "--train_format", "multi-turn", "--train_file", data,
+            "--output_dir", str(output_dir), "--do_train", "--use_cpu", "--report_to", "none",
+            "--per_device_train_batch_size", "2", "--logging_steps", "1", "--max_seq_length", "512",
+            "--preprocessing_cache_dir", str(output_dir) + "-cache", *extra]
+
+
+# ---- options fail fast, before any model loads ---------------------------------------------------
+
+def test_unknown_train_format_is_rejected(tiny_model_dir, formatted_samples, tmp_path):
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o")
+    args[args.index("multi-turn")] = "chat"
+    result = run_finetune(*args, check=False)
+    assert result.returncode == 2
+    assert "--train_format" in result.stderr and "invalid choice: 'chat'" in result.stderr
+
+
+def test_missing_data_file_is_rejected(tiny_model_dir, tmp_path):
+    result = run_finetune(*common_args(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path / "o"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --train_file {tmp_path / 'nope.jsonl'}: no such file"
+    assert "Loaded" not in result.stdout
+
+
+def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}\n')
+    result = run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"error: {data}:1: conversations[1].content: must be a string, found a number")
+    assert "Traceback" not in result.stderr
+
+
+def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prefix_tuning import PrefixTuningModel
+
+    checkpoint = tmp_path / "prefix"
+    PrefixTuningModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8).save_pretrained(str(checkpoint))
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o",
+                       "--ptuning_checkpoint", str(checkpoint), "--pre_seq_len", "4")
+    result = run_finetune(*args, check=False)
+    assert result.returncode == 2
+    assert ("--pre_seq_len 4 disagrees with the checkpoint" in result.stderr
+            and "trained with pre_seq_len 8" in result.stderr)
+    assert "Loaded" not in result.stdout
+
+
+# ---- what a run leaves behind ----------------------------------------------------------------------
+
+def test_json_args_file_full_finetune_outputs(tiny_model_dir, formatted_samples, tmp_path):
+    """One .json file stands for all flags; a full run saves a loadable model and its records."""
+    from transformers import AutoModelForCausalLM
+
+    output_dir = tmp_path / "full"
+    options = {"model_name_or_path": tiny_model_dir, "train_format": "input-output",
+               "train_file": formatted_samples["input-output"], "output_dir": str(output_dir), "do_train": True,
+               "use_cpu": True, "report_to": "none", "per_device_train_batch_size": 2, "max_steps": 3,
+               "logging_steps": 1, "learning_rate": 1e-3, "max_source_length": 64, "max_target_length": 32,
+               "max_train_samples": 10, "preprocessing_cache_dir": str(tmp_path / "cache"), "save_strategy": "no"}
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps(options))
+    result = run_finetune(str(args_file))
+    assert "Sanity Check >>>>>>>>>>>>>" in result.stdout and "'[gMASK]':" in result.stdout
+
+    config = json.loads((output_dir / "run_config.json").read_text())
+    assert config["data"]["max_train_samples"] == 10 and config["training"]["learning_rate"] == 1e-3
+    assert config["model"]["model_name_or_path"] == tiny_model_dir
+    assert (output_dir / "loss_curve.png").stat().st_size > 1000
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    assert train_results["train_records"] == 10
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 3 and logged[-1]["supervised_tokens"] > logged[0]["supervised_tokens"] > 0
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(str(output_dir))
+    assert not torch.equal(base.lm_head.weight, trained.lm_head.weight)
+
+
+def prefix_weights(folder):
+    return load_file(os.path.join(folder, "prefix_encoder.safetensors"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_samples, tmp_path):
+    output_dir = tmp_path / "pt"
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
+                       "--max_steps", "6", "--save_steps", "2", "--learning_rate", "2e-2", "--seed", "7")
+    run_finetune(*args)
+    uninterrupted = prefix_weights(output_dir)
+    assert sorted(os.listdir(output_dir / "checkpoint-6")) == sorted(os.listdir(output_dir / "checkpoint-2"))
+
+    # As if the run died while writing checkpoint-4: later work gone, checkpoint-4 half written.
+    shutil.rmtree(output_dir / "checkpoint-6")
+    for name in ("prefix_encoder.safetensors", "trainer_state.json"):
+        os.remove(output_dir / name)
+    os.remove(output_dir / "checkpoint-4" / "trainer_state.json")
+
+    result = run_finetune(*args)
+    assert "Ignoring the incomplete checkpoint" in result.stdout + result.stderr
+    assert f"Resuming from {output_dir / 'checkpoint-2'}" in result.stdout + result.stderr
+    resumed = prefix_weights(output_dir)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_samples, tmp_path):
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "4",
+                       "--resume_from_checkpoint", str(tmp_path / "missing"), "--max_steps", "1")
+    result = run_finetune(*args, check=False)
+    assert result.returncode == 2 and "not a complete checkpoint folder" in result.stderr
+
+
+@pytest.mark.parametrize("policy", ["drop", "error"])
+def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, formatted_samples, tmp_path, policy):
+    from preprocess_utils import encode_multi_turn, read_records
+
+    lengths = sorted(len(encode_multi_turn(tiny_tokenizer, record).input_ids)
+                     for _, record in read_records(formatted_samples["multi-turn"]))
+    cap = lengths[len(lengths) // 2]
+    too_long = sum(length > cap for length in lengths)
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "2",
+                       "--max_steps", "1", "--save_strategy", "no", "--truncation_policy", policy)
+    args[args.index("--max_seq_length") + 1] = str(cap)
+    result = run_finetune(*args, check=False)
+    if policy == "error":
+        assert result.returncode == 2 and "truncation removed supervised targets" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{too_long} dropped by --truncation_policy drop" in result.stdout + result.stderr
+        train_results = json.loads((tmp_path / "o" / "train_results.json").read_text())
+        assert train_results["train_records"] == len(lengths) - too_long
+
+
+def test_nothing_left_to_train_is_an_error(tiny_model_dir, formatted_samples, tmp_path):
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "2",
+                       "--max_steps", "1", "--truncation_policy", "drop")
+    args[args.index("--max_seq_length") + 1] = "16"
+    result = run_finetune(*args, check=False)
+    assert result.returncode == 2
+    assert "no records left" in result.stderr and "Traceback" not in result.stderr
