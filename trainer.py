@@ -5,6 +5,7 @@ curve, and finds the checkpoint to resume from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from prefix_tuning import PrefixTuningModel, load_prefix_state
+from prefix_tuning import PrefixTuningModel
 from preprocess_utils import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class ChatGLMTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_new_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._supervised_tokens = 0
+        self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -50,6 +52,43 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             logs["supervised_tokens"] = self.state.supervised_tokens
         super().log(logs, start_time)
 
+    # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._generation_batches():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._generation_batches():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _generation_batches(self):
+        """Evaluation batches of left-padded prompts (and item indices as labels) instead of training batches."""
+        if not self.args.predict_with_generate:
+            yield
+            return
+        from evaluation import GenerationCollator
+
+        training_collator, self.data_collator = self.data_collator, GenerationCollator(self.processing_class.pad_token_id)
+        try:
+            yield
+        finally:
+            self.data_collator = training_collator
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        from evaluation import generate_new_tokens
+
+        inputs = self._prepare_inputs(inputs)
+        options = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        if options.get("max_new_tokens") is None and options.get("max_length") is None:
+            options["max_new_tokens"] = self.max_new_tokens
+        # self.model, not the DeepSpeed engine: generate() lives on the module (ZeRO-3 hooks gather weights)
+        new_tokens = generate_new_tokens(self.model, inputs, self.processing_class, options)
+        return None, new_tokens, inputs["labels"]
+
     # ---- saving and loading --------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -67,8 +106,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model or self.model)
         if isinstance(target, PrefixTuningModel):
-            _, state = load_prefix_state(resume_from_checkpoint)
-            target.prefix_encoder.load_state_dict(state)
+            target.load_prefix(resume_from_checkpoint)
             logger.info("Loaded the prefix from %s", resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
