@@ -10,6 +10,7 @@ one output safetensors shard, so peak memory is about one shard. Every tensor co
 so a layer whose tensors lie in different shards is fine.
 
     convert_checkpoint("chatglm3-6b", "chatglm3-6b-glm", dtype="bfloat16")
+    convert_ptuning("original-ptuning-checkpoint", "prefix", base_dir="chatglm3-6b-glm")  # P-Tuning v2 prefix
 """
 
 from __future__ import annotations
@@ -298,5 +299,46 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str | torch.dtype
     return output_dir
 
 
-__all__ = ["ConversionError", "DTYPES", "attention_shape", "check_convertible", "convert_checkpoint",
+# --- P-Tuning v2 prefixes ----------------------------------------------------------------------------
+def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = None) -> str:
+    """Rewrites an ORIGINAL ChatGLM3 P-Tuning checkpoint (config.json with pre_seq_len + pytorch_model.bin
+    holding transformer.prefix_encoder.*) in this toolkit's prefix format; returns output_dir.
+
+    The prefix is checked against `base_dir` (a converted model folder, recorded as the prefix's base)
+    or else against the model config stored in the P-Tuning folder. No base weights are loaded.
+    """
+    from transformers import AutoConfig, GlmForCausalLM
+
+    from prefix_tuning import ORIGINAL_FORMAT, PrefixTuningModel, load_prefix_state
+
+    try:
+        settings, _ = load_prefix_state(ptuning_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConversionError(str(error)) from error
+    if settings["format"] != ORIGINAL_FORMAT:
+        raise ConversionError(f"{ptuning_dir} is already a prefix in this toolkit's format; load it as it is")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ConversionError(f"{output_dir} is not empty; choose a new --output folder")
+    if base_dir is not None:
+        if not os.path.isfile(os.path.join(base_dir, "config.json")):
+            raise ConversionError(f"--base {base_dir}: no config.json; give the converted model folder")
+        config = AutoConfig.from_pretrained(base_dir)
+    else:
+        original = read_original_config(ptuning_dir)
+        config = glm_config(original, [2], 0, torch.float32)
+    with torch.device("meta"):  # the shapes are all the prefix needs
+        base = GlmForCausalLM(config)
+    try:
+        model = PrefixTuningModel.from_pretrained(base, ptuning_dir)
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
+    if base_dir is not None:
+        model.settings["base_model_name_or_path"] = base_dir
+    model.save_pretrained(output_dir)
+    logger.info("converted the P-Tuning prefix %s -> %s (pre_seq_len %d, prefix_projection %s)", ptuning_dir,
+                output_dir, settings["pre_seq_len"], settings["prefix_projection"])
+    return output_dir
+
+
+__all__ = ["convert_ptuning", "ConversionError", "DTYPES", "attention_shape", "check_convertible", "convert_checkpoint",
            "convert_state", "convert_tensor", "glm_config", "list_shards"]

@@ -2,9 +2,12 @@
 """Converts an original THUDM ChatGLM3 checkpoint into a native transformers GLM model folder.
 
     python scripts/convert_chatglm3.py --input chatglm3-6b --output chatglm3-6b-glm [--dtype bfloat16]
+    python scripts/convert_chatglm3.py --ptuning original-ptuning-ckpt --output my-prefix [--base chatglm3-6b-glm]
 
 The output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained, no remote code, and
 with chatglm3_tokenizer.load_tokenizer. Conversion goes one shard at a time (peak memory ~ a shard).
+With --ptuning, an original P-Tuning v2 checkpoint becomes a prefix in this toolkit's format, which
+prefix_tuning.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
 """
 
 from __future__ import annotations
@@ -18,27 +21,40 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from chatglm3_conversion import DTYPES, ConversionError, convert_checkpoint  # noqa: E402
+from chatglm3_conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="original ChatGLM3 folder (config.json, weights, tokenizer.model)")
-    parser.add_argument("--output", required=True, help="new folder for the converted model (must be empty or absent)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="original ChatGLM3 model folder (config.json, weights, tokenizer.model)")
+    source.add_argument("--ptuning", help="original P-Tuning v2 checkpoint folder (config.json with pre_seq_len, "
+                                          "pytorch_model.bin with transformer.prefix_encoder.*)")
+    parser.add_argument("--output", required=True, help="new folder for the result (must be empty or absent)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="weight dtype of the output (default: the checkpoint's torch_dtype)")
-    return parser.parse_args(argv)
+                        help="weight dtype of the converted model (default: the checkpoint's torch_dtype)")
+    parser.add_argument("--base", default=None,
+                        help="with --ptuning: the converted model folder the prefix belongs to (checked, recorded)")
+    args = parser.parse_args(argv)
+    if args.base and not args.ptuning:
+        parser.error("--base goes with --ptuning")
+    if args.dtype and args.ptuning:
+        parser.error("--dtype goes with --input (a prefix is always saved in fp32)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        output = convert_checkpoint(args.input, args.output, dtype=args.dtype)
+        if args.ptuning:
+            output = convert_ptuning(args.ptuning, args.output, base_dir=args.base)
+        else:
+            output = convert_checkpoint(args.input, args.output, dtype=args.dtype)
     except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"converted {args.input} -> {output}")
+    print(f"converted {args.ptuning or args.input} -> {output}")
     return 0
 
 

@@ -271,3 +271,57 @@ def test_cli_process_exits_nonzero_without_traceback(original_dir, tmp_path):
                              "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "rmsnorm false" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- P-Tuning v2 prefixes -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def original_ptuning_dir():
+    return shared_path("chatglm3-tiny-original", "ptuning")
+
+
+def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptuning_dir, reference, tmp_path):
+    from prefix_tuning import PREFIX_FORMAT, PrefixTuningModel, read_prefix_settings
+
+    out = tmp_path / "prefix"
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(out), "--base", converted_dir) == 0
+    settings = read_prefix_settings(str(out))
+    assert settings["format"] == PREFIX_FORMAT
+    assert (settings["pre_seq_len"], settings["prefix_projection"]) == (4, False)
+    assert settings["base_model_name_or_path"] == converted_dir
+    base = AutoModelForCausalLM.from_pretrained(converted_dir, dtype=torch.float32)
+    model = PrefixTuningModel.from_pretrained(base, str(out))
+    for i in range(2):
+        input_ids = reference[f"prompt{i}.input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids).logits[0, -4:]
+        diff = (logits - reference[f"prompt{i}.ptuning_logits"]).abs().max().item()
+        assert diff <= 1e-4, f"prompt{i}: logits with the prefix differ by {diff}"
+        generated = model.generate(input_ids, max_new_tokens=8, do_sample=False)[0, input_ids.shape[1]:]
+        assert generated.tolist() == reference[f"prompt{i}.ptuning_greedy8"].tolist()
+
+
+def test_ptuning_without_base_reads_the_model_shape_from_its_own_config(original_ptuning_dir, tmp_path):
+    from prefix_tuning import load_prefix_state
+
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "prefix")) == 0
+    settings, state = load_prefix_state(str(tmp_path / "prefix"))
+    original_settings, original_state = load_prefix_state(str(original_ptuning_dir))
+    assert {k: v for k, v in settings.items() if k != "format"} == {
+        k: v for k, v in original_settings.items() if k != "format"}
+    assert state.keys() == original_state.keys() == {"embedding.weight"}
+    assert state["embedding.weight"].equal(original_state["embedding.weight"])
+
+
+def test_ptuning_refusals(original_dir, original_ptuning_dir, tiny_model_dir, tmp_path, capsys):
+    assert run_cli("--ptuning", str(original_dir), "--output", str(tmp_path / "o1")) == 2
+    assert "no pre_seq_len" in capsys.readouterr().err
+    # the demo-sized tiny GLM has another head size than the model this prefix was trained for
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "o2"),
+                   "--base", tiny_model_dir) == 2
+    assert "trained for another model" in capsys.readouterr().err
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "o3")) == 0
+    assert run_cli("--ptuning", str(tmp_path / "o3"), "--output", str(tmp_path / "o4")) == 2
+    assert "already a prefix in this toolkit's format" in capsys.readouterr().err
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "o5"),
+                   "--base", str(tmp_path / "nowhere")) == 2
+    assert "no config.json" in capsys.readouterr().err
