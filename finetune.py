@@ -131,16 +131,22 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
 
     splits = {}
+    generating = training_args.predict_with_generate and (training_args.do_eval or training_args.do_predict)
     try:
         if training_args.do_train:
             splits["train"] = load_split(data_args.train_file, data_args.max_train_samples, tokenizer,
                                          data_args, training_args, "training")
-        if training_args.do_eval:
+        if training_args.do_eval and not generating:
             splits["eval"] = load_split(data_args.validation_file, data_args.max_eval_samples, tokenizer,
                                         data_args, training_args, "validation")
-        if training_args.do_predict:
+        if training_args.do_predict and not generating:
             splits["test"] = load_split(data_args.test_file, data_args.max_predict_samples, tokenizer,
                                         data_args, training_args, "test")
+        if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
+            from evaluation import GenerationEval
+
+            generation = GenerationEval.from_args(tokenizer, data_args, training_args)
+            splits.update({name: (dataset, None) for name, dataset in generation.datasets.items()})
     except DataError as e:
         fail(str(e))
     if "train" in splits and training_args.process_index == 0:
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = ChatGLMTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         eval_dataset=splits.get("eval", (None,))[0], data_collator=build_collator(tokenizer, data_args),
-        processing_class=tokenizer,
+        processing_class=tokenizer, compute_metrics=generation.compute_metrics if generating else None,
+        max_new_tokens=data_args.max_target_length,
     )
     if training_args.should_save:
         write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
@@ -182,6 +189,18 @@ def main(argv: list[str] | None = None) -> None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if training_args.do_predict:
+        if generating:
+            result = trainer.predict(splits["test"][0], metric_key_prefix="predict")
+            metrics = result.metrics
+        else:  # loss only: Trainer.predict would gather every logit
+            metrics = trainer.evaluate(splits["test"][0], metric_key_prefix="predict")
+        trainer.log_metrics("predict", metrics)
+        trainer.save_metrics("predict", metrics)
+        if generating and training_args.should_save:
+            path = generation.write_predictions("test", result.predictions, result.label_ids,
+                                                os.path.join(training_args.output_dir, "generated_predictions.jsonl"))
+            logger.info("Generated predictions: %s", path)
     finish_distributed()
 
 

@@ -1,0 +1,274 @@
+"""Generation-based evaluation: prompts from records, generated ids to text, scores.
+
+Shared by `inference.py --input/--output` and by training with `--predict_with_generate`.
+
+- Prompt/response records give one item each: `[gMASK] sop` + encode(prompt), capped at
+  `max_source_length` (training's input-output rendering), scored against `response`.
+- Conversation records give one item per assistant, tool and interpreter turn, prompted with the
+  conversation before that turn (tools system prompt included) + `<|assistant|>`.
+  Plain assistant turns are scored with ROUGE/BLEU (on the parsed reply's content); tool turns
+  and plain turns together with the tool-call metrics (a tool call expected, or none);
+  interpreter turns by whether the reply is interpreter code and whether that code is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from chat_parsing import ToolCall, parse_assistant_reply
+from metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
+from preprocess_utils import (
+    INPUT_OUTPUT, MULTI_TURN, IGNORE_INDEX, build_chat_input, conversation_messages, prefix_ids, read_records,
+    record_format, validate_records,
+)
+
+PROMPT_RESPONSE = "response"  # the role of a prompt/response item
+GENERATED_TURN_ROLES = ("assistant", "tool", "interpreter")
+
+
+@dataclass
+class EvalItem:
+    record_index: int
+    turn_index: int | None  # index in "conversations"; None for a prompt/response record
+    role: str  # "response", or the turn's role: assistant, tool, interpreter
+    prompt_ids: list[int]
+    reference: str  # the expected text: response, assistant content, tool call or code
+    expected_call: ToolCall | None = None
+
+
+# ---- records -> items ---------------------------------------------------------------------------
+
+def detect_format(records: list[tuple[str, object]]) -> str:
+    """multi-turn or input-output, from the first record that says (validation checks the rest)."""
+    for _, record in records:
+        if isinstance(record, dict) and record_format(record):
+            return record_format(record)
+    return INPUT_OUTPUT
+
+
+def read_eval_records(path: str, max_samples: int | None = None) -> tuple[str, list[dict]]:
+    """(format, records) of a validated data file; raises DataError naming file:line:field."""
+    located = read_records(path)
+    train_format = detect_format(located)
+    validate_records(located, train_format)
+    records = [record for _, record in located]
+    return train_format, records[:max_samples] if max_samples else records
+
+
+def prompt_response_item(tokenizer, record: dict, index: int, max_source_length: int | None = None) -> EvalItem:
+    prompt_ids = prefix_ids(tokenizer) + tokenizer.encode_text(record["prompt"])
+    if max_source_length is not None:
+        prompt_ids = prompt_ids[:max_source_length]
+    return EvalItem(index, None, PROMPT_RESPONSE, prompt_ids, record["response"])
+
+
+def conversation_items(tokenizer, record: dict, index: int) -> list[EvalItem]:
+    items = []
+    turns = record["conversations"]
+    for turn_index, turn in enumerate(turns):
+        role = turn["role"]
+        if role not in GENERATED_TURN_ROLES:
+            continue
+        history = conversation_messages({"tools": record.get("tools"), "conversations": turns[:turn_index]})
+        prompt_ids = build_chat_input(tokenizer, history)
+        # conversation_messages renders the turn itself as its first (assistant) message
+        expected_message = conversation_messages({"conversations": [turn]})[0]
+        expected_call = ToolCall(turn["name"], turn["parameters"]) if role == "tool" else None
+        reference = turn["content"] if role in ("assistant", "interpreter") else expected_message.text
+        items.append(EvalItem(index, turn_index, role, prompt_ids, reference, expected_call))
+    return items
+
+
+def build_eval_items(tokenizer, records: list[dict], train_format: str,
+                     max_source_length: int | None = None) -> list[EvalItem]:
+    if train_format == MULTI_TURN:
+        return [item for i, record in enumerate(records) for item in conversation_items(tokenizer, record, i)]
+    return [prompt_response_item(tokenizer, record, i, max_source_length) for i, record in enumerate(records)]
+
+
+# ---- generated ids -> text ----------------------------------------------------------------------
+
+def decode_generated(tokenizer, token_ids) -> str:
+    """Text of generated ids: cut at the first stop token, -100 padding and special tokens dropped."""
+    text_ids = []
+    stops = set(tokenizer.stop_token_ids)
+    for token in token_ids:
+        token = int(token)
+        if token in stops:
+            break
+        if token != IGNORE_INDEX:
+            text_ids.append(token)
+    return tokenizer.decode(text_ids, skip_special_tokens=True)
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+def score_items(items: list[EvalItem], texts: list[str]) -> dict:
+    """Metrics of generated texts (one per item): ROUGE-1/2/L and BLEU-4 always; for conversations
+    also the tool-call metrics, interpreter metrics and counts."""
+    if len(items) != len(texts):
+        raise ValueError(f"{len(texts)} generated texts for {len(items)} items")
+    if all(item.role == PROMPT_RESPONSE for item in items):
+        metrics = generation_metrics(texts, [item.reference for item in items])
+        return {**metrics, "num_predictions": len(items)}
+    replies = [parse_assistant_reply(text) for text in texts]
+    plain = [(reply.content, item.reference) for reply, item in zip(replies, items) if item.role == "assistant"]
+    metrics = generation_metrics([p for p, _ in plain], [r for _, r in plain])
+    calls = [(reply, item.expected_call) for reply, item in zip(replies, items) if item.role != "interpreter"]
+    metrics.update(tool_call_metrics([reply for reply, _ in calls], [call for _, call in calls]))
+    code = [(reply.code, item.reference) for reply, item in zip(replies, items) if item.role == "interpreter"]
+    metrics.update(
+        interpreter_accuracy=_percent(sum(c is not None for c, _ in code), len(code)),
+        interpreter_code_exact_match=_percent(sum(c is not None and c.strip() == r.strip() for c, r in code),
+                                              len(code)),
+        num_plain_turns=len(plain), num_interpreter_turns=len(code), num_items=len(items))
+    return metrics
+
+
+def _percent(count: int, total: int) -> float:
+    return round(100 * count / total, 4) if total else 0.0
+
+
+def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]) -> list[dict]:
+    """Each record with `prediction` added: the generated text for a prompt/response record; for a
+    conversation a list, one entry per generated turn: {"turn": index in conversations, "role":
+    the expected role, "text": the raw reply, "content", "tool_call": {"name", "parameters"} or
+    null, "code", "error"} as parsed from the text."""
+    rows = [dict(record, prediction=[]) if record_format(record) == MULTI_TURN else dict(record)
+            for record in records]
+    for item, text in zip(items, texts):
+        row = rows[item.record_index]
+        if item.role == PROMPT_RESPONSE:
+            row["prediction"] = text
+            continue
+        reply = parse_assistant_reply(text)
+        call = {"name": reply.tool_call.name, "parameters": reply.tool_call.parameters} if reply.tool_call else None
+        row["prediction"].append({
+            "turn": item.turn_index, "role": item.role, "text": text, "content": reply.content,
+            "tool_call": call, "code": reply.code, "error": reply.error})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
+
+
+# ---- training: prompt-only datasets and compute_metrics ----------------------------------------
+
+class GenerationCollator:
+    """Generation batches: prompts LEFT-padded (the new tokens then line up at the end), and
+    `labels` = the items' indices [batch, 1] so metrics find each prediction's reference."""
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        from chat_engine import left_pad
+
+        input_ids, attention_mask = left_pad([list(f["input_ids"]) for f in features], self.pad_token_id)
+        labels = torch.tensor([list(f["labels"]) for f in features], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+DEFAULT_EVAL_MAX_NEW_TOKENS = 128
+
+
+def needs_synced_gpus() -> bool:
+    """ZeRO-3 with several processes: every rank must keep stepping until all rows everywhere end
+    (each forward gathers parameter shards from all ranks)."""
+    import torch.distributed as dist
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def generate_new_tokens(model, inputs: dict, tokenizer, generate_kwargs: dict):
+    """The new tokens [batch, new] of a left-padded prompt batch (works for a PrefixTuningModel,
+    which builds its own prefix cache, and for plain or peft models); stops on the stop tokens."""
+    options = {key: value for key, value in generate_kwargs.items() if value is not None}
+    if "max_new_tokens" not in options and "max_length" not in options:
+        options["max_new_tokens"] = DEFAULT_EVAL_MAX_NEW_TOKENS
+    options.setdefault("eos_token_id", list(tokenizer.stop_token_ids))
+    options.setdefault("pad_token_id", tokenizer.pad_token_id)
+    options.setdefault("do_sample", False)
+    options.setdefault("synced_gpus", needs_synced_gpus())
+    input_ids = inputs["input_ids"]
+    output = model.generate(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), **options)
+    return output[:, input_ids.shape[1]:]
+
+
+class GenerationEval:
+    """The prompt-only splits of `--predict_with_generate`, their items and `compute_metrics`.
+
+    Each split's dataset has `input_ids` (the prompt) and `labels` ([global item index]); the
+    Trainer gathers those indices with the predictions, so metrics and prediction files stay
+    right whatever the batch order or padding across processes.
+    """
+
+    def __init__(self, tokenizer, train_format: str, max_source_length: int | None = None):
+        self.tokenizer, self.train_format, self.max_source_length = tokenizer, train_format, max_source_length
+        self.items: list[EvalItem] = []
+        self.records: dict[str, list[dict]] = {}
+        self.item_ranges: dict[str, range] = {}
+        self.datasets: dict = {}
+
+    @classmethod
+    def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
+        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
+        generation = cls(tokenizer, data_args.train_format, data_args.max_source_length)
+        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples),
+                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples))
+        for name, wanted, path, max_samples in splits:
+            if wanted:
+                located = read_records(path)
+                validate_records(located, data_args.train_format)
+                records = [record for _, record in located]
+                generation.add_split(name, records[:max_samples] if max_samples else records)
+        return generation
+
+    def add_split(self, name: str, records: list[dict]):
+        import datasets
+
+        offset = len(self.items)
+        items = build_eval_items(self.tokenizer, records, self.train_format, self.max_source_length)
+        self.items += items
+        self.records[name] = records
+        self.item_ranges[name] = range(offset, len(self.items))
+        self.datasets[name] = datasets.Dataset.from_dict({
+            "input_ids": [item.prompt_ids for item in items],
+            "labels": [[offset + i] for i in range(len(items))]})
+        return self.datasets[name]
+
+    def texts_by_item(self, predictions, label_ids) -> dict[int, str]:
+        """{global item index: generated text}; rows repeated by distributed padding are dropped."""
+        texts = {}
+        for row, label in zip(np.asarray(predictions), np.asarray(label_ids)):
+            index = int(np.asarray(label).reshape(-1)[0])
+            if index >= 0 and index not in texts:
+                texts[index] = decode_generated(self.tokenizer, row)
+        return texts
+
+    def compute_metrics(self, eval_prediction) -> dict:
+        texts = self.texts_by_item(eval_prediction.predictions, eval_prediction.label_ids)
+        indices = sorted(texts)
+        return score_items([self.items[i] for i in indices], [texts[i] for i in indices])
+
+    def write_predictions(self, name: str, predictions, label_ids, path: str) -> str:
+        """`<path>`: the split's records with their `prediction` (see prediction_rows)."""
+        texts = self.texts_by_item(predictions, label_ids)
+        indices = [i for i in self.item_ranges[name] if i in texts]
+        write_jsonl(prediction_rows(self.records[name], [self.items[i] for i in indices],
+                                    [texts[i] for i in indices]), path)
+        return path
+
+
+__all__ = ["EvalItem", "GENERATION_METRICS", "build_eval_items", "read_eval_records", "decode_generated",
+           "score_items", "prediction_rows", "write_jsonl", "GenerationCollator", "GenerationEval",
+           "generate_new_tokens", "needs_synced_gpus"]
