@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from packing import attention_mask_for
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -47,12 +49,15 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     causal_lm: a transformers causal LM with a decoder body `.model` and an output layer `.lm_head`
     (GlmForCausalLM, LlamaForCausalLM, ...). labels: [batch, seq], HF convention (aligned with
     input_ids, -100 = not a target). model_inputs: what the decoder body takes (input_ids,
-    attention_mask, position_ids, cache, ...), passed through unchanged.
+    attention_mask, position_ids, cache, ...), passed through.
     num_items_in_batch: the HF Trainer's target count over all micro-batches and processes; the
     summed loss is divided by it, else by this batch's own number of targets.
-    chunk_size: supervised positions per output-layer call; with checkpoint_chunks the backward
-    recomputes each chunk's logits instead of keeping them all.
-    A batch without targets gives a zero loss that still reaches every parameter (zero gradients).
+    chunk_size: supervised positions per output-layer call; when there is more than one chunk and
+    checkpoint_chunks is on, the backward recomputes each chunk's logits instead of keeping them
+    all, so at most one chunk's [chunk_size, vocab] logits exist at any time.
+    A 4D attention_mask (packed rows) is first put in the form the model's attention reads
+    (`packing.attention_mask_for`). A batch without targets gives a zero loss that still reaches
+    every parameter (zero gradients).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
@@ -61,6 +66,10 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
             raise TypeError(f"supervised_lm_loss needs a causal LM with a `.{part}` submodule "
                             f"(e.g. GlmForCausalLM); got {type(causal_lm).__name__}")
     model_inputs.setdefault("use_cache", False)
+    mask = model_inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        model_inputs["attention_mask"] = attention_mask_for(
+            getattr(causal_lm.config, "_attn_implementation", "sdpa"), mask, causal_lm.dtype)
     hidden = causal_lm.model(**model_inputs).last_hidden_state
     labels = labels.to(hidden.device)
     if labels.shape != hidden.shape[:2]:
@@ -73,7 +82,8 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     target_ids = next_labels[is_target]
     num_targets = target_ids.numel()
 
-    use_checkpoint = checkpoint_chunks and torch.is_grad_enabled()
+    # A lone chunk is held until its backward either way: recomputing it would only cost time.
+    use_checkpoint = checkpoint_chunks and torch.is_grad_enabled() and num_targets > chunk_size
     # With no targets the one (empty) chunk still calls lm_head, so every parameter gets a gradient.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, max(num_targets, 1), chunk_size):

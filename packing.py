@@ -7,11 +7,14 @@ so no record predicts across a boundary; the attention mask confines every recor
 
 Two batch layouts, chosen by the attention implementation:
 - `PackedCollator()` (default): rows padded to a common length plus a 4D block-diagonal causal
-  mask [batch, 1, q, k]. transformers passes a 4D mask through untouched to eager and sdpa
-  attention (CPU or GPU), and only this layout can carry a P-Tuning prefix
-  (`packed_attention_mask(..., prefix_len=n)`). The mask is additive float (0 / dtype min) by
-  default, which eager attention needs (it ADDS the mask: a boolean mask there would be silently
-  wrong) and sdpa accepts; `mask_dtype=torch.bool` is 4x smaller and works with sdpa only.
+  mask [batch, 1, q, k]. transformers hands a 4D mask to eager and sdpa attention untouched (CPU
+  or GPU), and only this layout can carry a P-Tuning prefix (`packed_attention_mask(...,
+  prefix_len=n)`). The mask is boolean (True = may attend) by default: sdpa, transformers'
+  default, takes it in any compute dtype, and it is 4x smaller than a float one. Eager attention
+  ADDS the mask to the scores, so it needs an additive float mask (a boolean one would be
+  silently wrong); sdpa on CUDA gave NaN with a float32 mask on a bf16 model (H200, torch 2.11).
+  `attention_mask_for` converts a mask to what an implementation reads, and
+  `supervised_lm_loss` applies it, so a packed batch trains correctly with either one.
 - `PackedCollator(padding_free=True)`: every record of the batch in one row [1, total], no mask,
   position_ids plus `cu_seq_lens_q/k` and `max_length_q/k`. With
   `attn_implementation="flash_attention_2"` (GPU) transformers hands these to flash-attention's
@@ -93,7 +96,7 @@ def seq_lens_from_position_ids(position_ids: Sequence[int]) -> list[int]:
 
 
 def packed_attention_mask(seq_lens_per_row: Sequence[Sequence[int]], length: int,
-                          dtype: torch.dtype = torch.float32, prefix_len: int = 0) -> torch.Tensor:
+                          dtype: torch.dtype = torch.bool, prefix_len: int = 0) -> torch.Tensor:
     """Block-diagonal causal mask [batch, 1, length, prefix_len + length] for packed rows.
 
     Row b holds records of seq_lens_per_row[b] tokens from position 0, then padding up to length.
@@ -122,6 +125,19 @@ def packed_attention_mask(seq_lens_per_row: Sequence[Sequence[int]], length: int
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def attention_mask_for(attn_implementation: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D mask (boolean, or additive float) in the form `attn_implementation` reads.
+
+    eager: additive, 0 or the minimum of dtype (the model's dtype). Anything else (sdpa, ...): boolean.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    if attn_implementation != "eager":
+        return allowed
+    if mask.dtype == dtype:
+        return mask  # already additive in the model's dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 class PackedCollator:
     """Collates rows from `pack_features` into tensors (see the module doc for the two layouts).
 
@@ -130,7 +146,7 @@ class PackedCollator:
     """
 
     def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
-                 mask_dtype: torch.dtype = torch.float32, padding_free: bool = False):
+                 mask_dtype: torch.dtype = torch.bool, padding_free: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mask_dtype = mask_dtype
@@ -175,4 +191,4 @@ class PackedCollator:
         }
 
 
-__all__ = ["pack_features", "packed_attention_mask", "seq_lens_from_position_ids", "PackedCollator"]
+__all__ = ["pack_features", "packed_attention_mask", "attention_mask_for", "seq_lens_from_position_ids", "PackedCollator"]

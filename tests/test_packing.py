@@ -5,7 +5,8 @@ import torch
 from transformers import GlmForCausalLM
 
 from efficient_loss import count_targets, supervised_lm_loss
-from packing import PackedCollator, pack_features, packed_attention_mask, seq_lens_from_position_ids
+from packing import (PackedCollator, attention_mask_for, pack_features, packed_attention_mask,
+                     seq_lens_from_position_ids)
 from tiny_model import tiny_glm_config
 
 VOCAB = 512
@@ -86,7 +87,7 @@ def test_packed_attention_mask_values():
         [0, 0, 1, 0],
         [0, 0, 0, 1],  # padding sees only itself: never an all-masked (NaN) row
     ]
-    additive = packed_attention_mask([[2, 1], [3]], 4)
+    additive = packed_attention_mask([[2, 1], [3]], 4, torch.float32)
     assert additive.shape == (2, 1, 4, 4) and additive.dtype == torch.float32
     assert additive[0, 0].tolist() == [[0, MIN, MIN, MIN], [0, 0, MIN, MIN], [MIN, MIN, 0, MIN], [MIN, MIN, MIN, 0]]
     assert additive[1, 0, 2].tolist() == [0, 0, 0, MIN]
@@ -107,6 +108,16 @@ def test_packed_attention_mask_with_a_prefix_every_record_sees():
     assert torch.equal(additive == 0, mask)
     with pytest.raises(ValueError, match="more than the mask length"):
         packed_attention_mask([[3, 2]], 4)
+
+
+def test_attention_mask_for_gives_eager_an_additive_mask_and_sdpa_a_boolean_one():
+    allowed = packed_attention_mask([[2, 1]], 4)
+    assert allowed.dtype == torch.bool
+    eager = attention_mask_for("eager", allowed, torch.bfloat16)
+    assert eager.dtype == torch.bfloat16
+    assert torch.equal(eager == 0, allowed) and (eager[~allowed] == torch.finfo(torch.bfloat16).min).all()
+    assert torch.equal(attention_mask_for("sdpa", eager, torch.bfloat16), allowed)
+    assert attention_mask_for("sdpa", allowed, torch.float32) is allowed
 
 
 def test_collator_pads_rows_and_derives_missing_seq_lens():
@@ -157,7 +168,7 @@ def test_records_never_see_each_other_and_padding_stays_finite(model):
     rows = pack_features(records, max_length=9)
     assert rows[0]["seq_lens"] == [4, 3, 2]
     perturbed = [{**rows[0], "input_ids": rows[0]["input_ids"][:4] + [40, 41, 42] + rows[0]["input_ids"][7:]}]
-    # eager attention ADDS the mask, so it takes the float mask only; sdpa takes both.
+    # Straight into the model: eager attention ADDS the mask, so it takes the float mask only.
     mask_dtypes = [torch.float32] + ([torch.bool] if model.config._attn_implementation == "sdpa" else [])
     for mask_dtype in mask_dtypes:
         collate = PackedCollator(pad_to_multiple_of=16, mask_dtype=mask_dtype)
