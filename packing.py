@@ -142,7 +142,7 @@ class PackedCollator:
     """Collates rows from `pack_features` into tensors (see the module doc for the two layouts).
 
     Rows without "seq_lens" (e.g. dropped by the Trainer's remove_unused_columns) get them from
-    their position_ids.
+    their position_ids; plain records without position_ids (an unpacked eval set) are rows of one.
     """
 
     def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
@@ -153,6 +153,7 @@ class PackedCollator:
         self.padding_free = padding_free
 
     def __call__(self, rows: Sequence[dict]) -> dict:
+        rows = [row if "position_ids" in row else _concatenate([row]) for row in rows]
         seq_lens_per_row = [list(row["seq_lens"]) if "seq_lens" in row else seq_lens_from_position_ids(row["position_ids"])
                             for row in rows]
         if self.padding_free:

@@ -135,6 +135,16 @@ def test_collator_pads_rows_and_derives_missing_seq_lens():
     assert "attention_mask" not in flat
 
 
+def test_collator_takes_plain_records_as_rows_of_one():
+    plain = [record([5, 6, 7], [5, 6, 7]), record([8, 9], [-100, 9])]
+    batch = PackedCollator()(plain)
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert torch.equal(batch["attention_mask"], packed_attention_mask([[3], [2]], 3))
+    flat = PackedCollator(padding_free=True)(plain)
+    assert flat["labels"].tolist() == [[-100, 6, 7, -100, 9]] and flat["cu_seq_lens_k"].tolist() == [0, 3, 5]
+
+
 def unpacked_loss_and_grads(model, records):
     """Token-weighted loss of the records run one at a time (HF's own loss), and its gradients."""
     total_targets = sum(count_targets(r["labels"]) for r in records)
