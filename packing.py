@@ -12,13 +12,15 @@ Two batch layouts, chosen by the attention implementation:
   prefix_len=n)`). The mask is boolean (True = may attend) by default: sdpa, transformers'
   default, takes it in any compute dtype, and it is 4x smaller than a float one. Eager attention
   ADDS the mask to the scores, so it needs an additive float mask (a boolean one would be
-  silently wrong); sdpa on CUDA gave NaN with a float32 mask on a bf16 model (H200, torch 2.11).
+  silently wrong); and sdpa on CUDA misreads a float mask of another dtype than the queries
+  (H200, torch 2.11, bf16 queries, float32 mask: NaN with dtype-min, wrong outputs with -inf).
   `attention_mask_for` converts a mask to what an implementation reads, and
   `supervised_lm_loss` applies it, so a packed batch trains correctly with either one.
 - `PackedCollator(padding_free=True)`: every record of the batch in one row [1, total], no mask,
   position_ids plus `cu_seq_lens_q/k` and `max_length_q/k`. With
   `attn_implementation="flash_attention_2"` (GPU) transformers hands these to flash-attention's
-  varlen kernel: no padding and no O(L^2) mask at all. With eager/sdpa the same batch still works,
+  varlen kernel: no padding and no O(L^2) mask at all (not run yet: the GPU machine has no
+  flash-attn package; sdpa and eager on it matched the unpacked loss). With eager/sdpa the same batch still works,
   as transformers rebuilds the block-diagonal causal mask from the restarting position_ids. Not
   for P-Tuning: that detection is off when a cache (the prefix) is passed.
 
