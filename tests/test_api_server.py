@@ -1,0 +1,490 @@
+"""api_server.py: the openai client against a live server on 127.0.0.1, tool calls both ways,
+OpenAI-style errors, disconnects, concurrent clients, the command line.
+
+Two models stand behind the server: the random tiny GLM (real generation; greedy answers are
+deterministic, so the same request must always get the same answer), and a ScriptedModel that
+"generates" a given reply token by token through chat_engine's real generation paths, so a tool
+call and the exact prompt ids the model received can be checked.
+"""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from api_server import (StreamedReply, assistant_message, chat_messages, create_app, parse_args,  # noqa: E402
+                        served_model_name, split_segments)
+from chat_engine import ChatModel, load_chat_model  # noqa: E402
+from chat_parsing import render_tool_call  # noqa: E402
+from preprocess_utils import Message, build_chat_input, tools_system_prompt  # noqa: E402
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "getCurrentWeather", "description": "Get the current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+# ---- a live server in a thread, and a model that follows a script --------------------------------
+
+class ServerThread:
+    """A uvicorn server for `app` on 127.0.0.1, on a free port, in a daemon thread."""
+
+    def __init__(self, app):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+class ScriptedModel:
+    """Stands in for the network behind ChatModel: each `generate` call records its prompt ids and
+    emits the next scripted reply (token ids), honouring the streamer, the stop tokens, the
+    stopping criteria and max_new_tokens as transformers' generate does. Once a script runs out
+    it repeats `filler_id`. `pause_at` = (n, event) holds the generation after n tokens until the
+    event is set; `delay` sleeps after each token."""
+
+    def __init__(self, filler_id: int, max_positions: int = 4096):
+        self.config = SimpleNamespace(max_position_embeddings=max_positions)
+        self.device = torch.device("cpu")
+        self.filler_id = filler_id
+        self.replies: list[list[int]] = []
+        self.prompts: list[list[int]] = []
+        self.generated: list[int] = []
+        self.pause_at: tuple[int, threading.Event] | None = None
+        self.delay = 0.0
+        self.finished = threading.Event()
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask=None, streamer=None, stopping_criteria=None,
+                 max_new_tokens=20, eos_token_id=(), **kwargs):
+        assert input_ids.shape[0] == 1, "the server generates one request at a time"
+        self.finished.clear()
+        self.prompts.append(input_ids[0].tolist())
+        script = self.replies.pop(0) if self.replies else []
+        ids, count = input_ids, 0
+        if streamer is not None:
+            streamer.put(input_ids)
+        try:
+            for step in range(max_new_tokens):
+                if self.pause_at and step == self.pause_at[0]:
+                    assert self.pause_at[1].wait(timeout=60), "the test never released the paused generation"
+                token = script[step] if step < len(script) else self.filler_id
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+                count += 1
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                time.sleep(self.delay)
+                if token in eos_token_id or any(bool(c(ids, None).all()) for c in stopping_criteria or []):
+                    break
+        finally:
+            self.generated.append(count)
+            if streamer is not None:
+                streamer.end()
+            self.finished.set()
+        return ids
+
+
+def reply_ids(tokenizer, *messages: tuple[str, str], stop: str = "<|user|>") -> list[int]:
+    """Token ids of a generated reply: (metadata, text) messages joined by `<|assistant|>`, then the stop token."""
+    ids = []
+    for i, (metadata, text) in enumerate(messages):
+        if i:
+            ids.append(tokenizer.role_token_id("assistant"))
+        ids += tokenizer.encode_text(metadata + "\n") + tokenizer.encode_text(text)
+    return ids + [tokenizer.get_command(stop)]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tiny_model_dir):
+    return load_chat_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_chat):
+    with ServerThread(create_app(tiny_chat, "tiny-chatglm3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def scripted(tiny_tokenizer):
+    model = ScriptedModel(filler_id=tiny_tokenizer.encode_text("ok")[-1])
+    chat = ChatModel(model, tiny_tokenizer)
+    with ServerThread(create_app(chat, "scripted")) as server:
+        yield SimpleNamespace(model=model, server=server, tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture
+def scripted_model(scripted):
+    scripted.model.replies.clear()
+    scripted.model.prompts.clear()
+    scripted.model.pause_at, scripted.model.delay = None, 0.0
+    return scripted.model
+
+
+def post(server: ServerThread, path: str, body, headers: dict | None = None, method: str = "POST"):
+    """(status, decoded JSON body) of a raw request: bodies the openai client would never send."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, json.loads(payload)
+
+
+# ---- the openai client against the tiny model ----------------------------------------------------
+
+def test_models_lists_the_served_model(tiny_server):
+    models = tiny_server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-chatglm3"]
+    assert tiny_server.client().models.retrieve("tiny-chatglm3").id == "tiny-chatglm3"
+
+
+def test_completion_is_the_engine_answer_with_usage_and_streaming_adds_up_to_it(tiny_server, tiny_chat):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}]
+    prompt = tiny_chat.chat_input_ids([Message("system", "", "You are terse.", False),
+                                       Message("user", "", "Hello", False)])
+    expected = tiny_chat.generate_completions([prompt], max_new_tokens=12)[0]
+    expected_content, expected_calls = assistant_message(split_segments(expected.text, []))
+    assert not expected_calls
+
+    client = tiny_server.client()
+    answer = client.chat.completions.create(model="tiny-chatglm3", messages=messages, max_tokens=12, temperature=0)
+    assert answer.object == "chat.completion" and answer.model == "tiny-chatglm3"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == expected_content
+    assert answer.choices[0].finish_reason == expected.finish_reason
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), len(expected.token_ids))
+    assert answer.usage.total_tokens == len(prompt) + len(expected.token_ids)
+
+    chunks = list(client.chat.completions.create(model="tiny-chatglm3", messages=messages, max_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [expected.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_stream_is_server_sent_events_ending_with_done(tiny_server):
+    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert all(event.startswith("data: {") for event in events[:-2])
+
+
+def test_stop_string_and_max_tokens(tiny_server, tiny_chat):
+    prompt = tiny_chat.chat_input_ids([Message("user", "", "Tell me more", False)])
+    full = tiny_chat.generate_completions([prompt], max_new_tokens=30)[0]
+    content, _ = assistant_message([full.text])
+    stop = content.strip()[3:5]
+    if len(stop) < 2 or stop.isspace():
+        pytest.skip("the random model's answer is too short to cut with a stop string")
+    client = tiny_server.client()
+    cut = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me more"}],
+                                         max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == content[:content.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me more"}],
+                                           max_tokens=2, temperature=0)
+    assert short.usage.completion_tokens <= 2
+
+
+# ---- tool calls, both ways -------------------------------------------------------------------------
+
+def test_tool_call_round_trip_renders_training_layout(scripted, scripted_model):
+    tok = scripted.tokenizer
+    thought = "I need the weather in Paris."
+    call = render_tool_call("getCurrentWeather", {"city": "Paris"})
+    scripted_model.replies += [
+        reply_ids(tok, ("", thought), ("getCurrentWeather", call), stop="<|observation|>"),
+        reply_ids(tok, ("", "It is sunny in Paris.")),
+    ]
+    client = scripted.server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER_TOOL], temperature=0)
+
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == thought
+    [tool_call] = choice.message.tool_calls
+    assert tool_call.type == "function" and tool_call.function.name == "getCurrentWeather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
+    system = Message("system", "", tools_system_prompt([WEATHER_TOOL["function"]]), False)
+    user = Message("user", "", "Weather in Paris?", False)
+    assert scripted_model.prompts[0] == build_chat_input(tok, [system, user])
+
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": tool_call.id, "content": '{"temperature_c": 18}'}]
+    second = client.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER_TOOL], temperature=0)
+
+    assert second.choices[0].message.content == "It is sunny in Paris."
+    assert second.choices[0].finish_reason == "stop" and not second.choices[0].message.tool_calls
+    expected = build_chat_input(tok, [system, user, Message("assistant", "", thought, False),
+                                      Message("assistant", "getCurrentWeather", call, False),
+                                      Message("observation", "", '{"temperature_c": 18}', False)])
+    assert scripted_model.prompts[1] == expected
+    specials = [tok.token_text(t) for t in scripted_model.prompts[1] if t >= tok.num_pieces]
+    assert specials == ["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|assistant|>",
+                        "<|observation|>", "<|assistant|>"]
+
+
+def test_streamed_tool_call(scripted, scripted_model):
+    tok = scripted.tokenizer
+    scripted_model.replies.append(reply_ids(
+        tok, ("", "Let me look."), ("getCurrentWeather", render_tool_call("getCurrentWeather", {"city": "Oslo"})),
+        stop="<|observation|>"))
+    chunks = list(scripted.server.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Oslo?"}], tools=[WEATHER_TOOL], stream=True,
+        temperature=0))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Let me look."
+    [calls] = [d.tool_calls for d in deltas if d.tool_calls]
+    assert calls[0].index == 0 and calls[0].id.startswith("call_")
+    assert (calls[0].function.name, json.loads(calls[0].function.arguments)) == ("getCurrentWeather", {"city": "Oslo"})
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_unreadable_call_comes_back_as_text(scripted, scripted_model):
+    scripted_model.replies.append(reply_ids(scripted.tokenizer, ("getCurrentWeather", "```python\ntool_call(city="),
+                                            stop="<|observation|>"))
+    answer = scripted.server.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "?"}], tools=[WEATHER_TOOL], temperature=0)
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content == "getCurrentWeather\n```python\ntool_call(city="
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_openai_messages_to_chatglm3_messages():
+    calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": ""}}]
+    rendered = chat_messages(
+        [{"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief"}]},
+         {"role": "user", "content": "go"},
+         {"role": "assistant", "content": None, "tool_calls": calls},
+         {"role": "tool", "tool_call_id": "b", "content": "G"},
+         {"role": "tool", "tool_call_id": "a", "content": "F"},
+         {"role": "assistant", "content": "done"}],
+        tools=[WEATHER_TOOL])
+    assert rendered == [
+        Message("system", "", tools_system_prompt([WEATHER_TOOL["function"]]), False),
+        Message("system", "", "Be\nbrief", False),
+        Message("user", "", "go", False),
+        Message("assistant", "f", "```python\ntool_call(x=1)\n```", False),
+        Message("observation", "", "F", False),
+        Message("assistant", "g", "```python\ntool_call()\n```", False),
+        Message("observation", "", "G", False),
+        Message("assistant", "", "done", False),
+    ]
+    assert chat_messages([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL], tool_choice="none") == [
+        Message("user", "", "hi", False)]
+
+
+@pytest.mark.parametrize("text,boundaries", [
+    ("\nHello there,  friend.\n\n", []),
+    ("\nThought one.\n", []),
+    ("\nThought.getCurrentWeather\n```python\ntool_call(city='Paris')\n```", [9]),
+    ("Sure!\nnot a tool name", []),
+    ("no newline at all", []),
+    ("\nA.\nB.", [3]),
+    ("get_weather\n```python\ntool_call(city=", []),
+])
+def test_streamed_deltas_add_up_to_the_whole_reply(text, boundaries):
+    reply, deltas = StreamedReply(), []
+    for end in range(1, len(text) + 1):
+        deltas += reply.update(text[:end], boundaries)
+    deltas += reply.update(text, boundaries, final=True)
+    content, calls = assistant_message(split_segments(text, boundaries))
+    assert "".join(d.get("content", "") for d in deltas) == content
+    streamed_calls = [c["function"] for d in deltas for c in d.get("tool_calls", [])]
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed_calls] == [(c.name, c.parameters) for c in calls]
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body,param,fragment", [
+    (b"{not json", None, "not valid JSON"),
+    (b"\xff\xfe", None, "not valid JSON"),
+    ([1, 2], None, "JSON object"),
+    ({"model": "m"}, "messages", "'messages' is required"),
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": [{"role": "sytem", "content": "x"}]}, "messages[0].role", "'sytem' is not one of"),
+    ({"messages": ["hi"]}, "messages[0]", "must be an object"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content", "needs 'content'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "text"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature", "must be a number"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "between 0 and 2"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5}, "max_tokens", "integer"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n=1"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop", "strings"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]}, "tools[0]", "function"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "'auto' or 'none'"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages[0].tool_calls[0].function.arguments", "not valid JSON"),
+])
+def test_malformed_requests_get_openai_errors(tiny_server, body, param, fragment):
+    status, payload = post(tiny_server, "/v1/chat/completions", body)
+    assert status == 400
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["type"] == "invalid_request_error"
+    assert payload["error"]["param"] == param
+    assert fragment in payload["error"]["message"]
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_server, tiny_chat):
+    context = tiny_chat.model.config.max_position_embeddings
+    long_text = "Hello! " * context
+    with pytest.raises(openai.BadRequestError) as refused:
+        tiny_server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": long_text}])
+    assert refused.value.status_code == 400
+    assert refused.value.body["code"] == "context_length_exceeded"
+    assert f"maximum context length is {context} tokens" in refused.value.body["message"]
+
+
+def test_max_context_option_and_unknown_paths(tiny_chat):
+    with ServerThread(create_app(tiny_chat, "small", max_context=12)) as server:
+        status, payload = post(server, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "a fairly long question here"}]})
+        assert status == 400 and payload["error"]["code"] == "context_length_exceeded"
+        fits = server.client().chat.completions.create(model="small", messages=[{"role": "user", "content": "Hi"}],
+                                                       temperature=0, max_tokens=100)
+        prompt_tokens = fits.usage.prompt_tokens
+        assert fits.usage.completion_tokens <= 12 - prompt_tokens  # max_tokens is cut to the room left
+        status, payload = post(server, "/v1/completions", {"prompt": "x"})
+        assert status == 404 and payload["error"]["code"] == "not_found"
+        assert "/v1/chat/completions" in payload["error"]["message"]
+        status, payload = post(server, "/v1/chat/completions", None, method="GET")
+        assert status == 405 and payload["error"]["code"] == "method_not_allowed"
+        status, payload = post(server, "/v1/models/other", None, method="GET")
+        assert status == 404 and payload["error"]["code"] == "model_not_found"
+
+
+# ---- serving: disconnects, concurrency ---------------------------------------------------------------
+
+@pytest.mark.parametrize("metadata", ["", "getCurrentWeather"], ids=["answer", "tool-call"])
+def test_client_leaving_mid_stream_stops_the_generation(scripted, scripted_model, metadata):
+    """Whether text is streaming or a tool call is being held until it ends, the generation stops."""
+    tok = scripted.tokenizer
+    scripted_model.replies.append(tok.encode_text(metadata + "\n") + tok.encode_text("Going on"))  # then filler
+    scripted_model.delay = 0.01  # 2000 tokens would take 20 s
+    conn = http.client.HTTPConnection("127.0.0.1", scripted.server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": 2000, "stream": True}))
+    response = conn.getresponse()
+    for _ in range(4):  # the role chunk, then content chunks or keep-alive comments
+        response.readline()
+        response.readline()
+    response.close()
+    conn.close()
+    assert scripted_model.finished.wait(timeout=20), "the generation went on after the client left"
+    assert scripted_model.generated[-1] < 1000
+    scripted_model.delay = 0.0
+    scripted_model.replies.append(reply_ids(tok, ("", "Next one.")))
+    answer = scripted.server.client().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "again"}], temperature=0)
+    assert answer.choices[0].message.content == "Next one."
+
+
+def test_concurrent_clients_each_get_their_own_answer(tiny_server):
+    """8 clients at once (half streaming) get exactly the answer their request gets alone."""
+    def ask(i: int, stream: bool) -> tuple[str, str]:
+        client = tiny_server.client()
+        request = dict(model="tiny-chatglm3", messages=[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+                       max_tokens=12 + i, temperature=0)
+        if not stream:
+            choice = client.chat.completions.create(**request).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return text, chunks[-1].choices[0].finish_reason
+
+    alone = [ask(i, stream=False) for i in range(8)]
+    assert len(set(alone)) > 1, "the prompts should get different answers for this test to mean something"
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda i: ask(i, stream=i % 2 == 1), range(8)))
+    assert together == alone
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def test_paths_come_from_the_environment_or_flags():
+    args = parse_args([], {"MODEL_PATH": "models/base", "TOKENIZER_PATH": "tok", "PT_PATH": "output/pt-run"})
+    assert (args.model, args.tokenizer, args.pt_checkpoint, args.lora) == ("models/base", "tok", "output/pt-run", None)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert served_model_name(args) == "pt-run"
+    args = parse_args(["--model", "full", "--lora", "adapter", "--host", "0.0.0.0", "--port", "9000",
+                       "--max-context", "2048"], {"MODEL_PATH": "ignored", "LORA_PATH": "ignored"})
+    assert (args.model, args.lora, args.host, args.port, args.max_context) == ("full", "adapter", "0.0.0.0", 9000, 2048)
+
+
+def test_command_line_says_what_to_do_without_a_model(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([], {})
+    assert "--model or MODEL_PATH" in capsys.readouterr().err
+
+
+def test_command_line_serves_the_model_from_model_path(tiny_model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MODEL_PATH": tiny_model_dir}
+    process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py"), "--port", str(port), "--device", "cpu",
+                                "--model-name", "cli-tiny"], env=env, cwd=str(ROOT),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            try:
+                assert [m.id for m in client.models.list().data] == ["cli-tiny"]
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+        answer = client.chat.completions.create(model="cli-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3, temperature=0)
+        assert answer.usage.completion_tokens <= 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
