@@ -106,9 +106,9 @@ class ChatModel:
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,
                temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
-               stop_strings: list[str] | None = None) -> "TextStream":
+               stop_strings: list[str] | None = None, min_new_tokens: int = 0) -> "TextStream":
         """Decoded text pieces of one prompt's reply as they are generated (see TextStream)."""
-        options = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, 0)
+        options = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, min_new_tokens)
         return TextStream(self, prompt_ids, options, stop_strings or [])
 
     def reply(self, messages: list[Message], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,

@@ -1,0 +1,395 @@
+"""chat_engine.py and inference.py on tiny trained checkpoints: batched and streamed generation,
+the chat loop through stdin (tools, interpreter, clear), one prompt, files with metrics, errors."""
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from transformers import GlmForCausalLM
+
+import inference
+from chat_engine import ChatModel, MetadataSplitter, load_chat_model
+from chatglm3_tokenizer import load_tokenizer
+from conftest import shared_path
+from evaluation import build_eval_items
+from metrics import generation_metrics
+from prefix_tuning import PrefixTuningModel
+from preprocess_utils import DataCollatorForChatGLM, Message, encode_multi_turn, encode_prompt_response
+
+TOOLS = [{"name": "get_weather", "description": "Get the weather of a city", "parameters": {"city": "string"}}]
+WEATHER = {"tools": TOOLS, "conversations": [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "tool", "name": "get_weather", "parameters": {"city": "Paris"}, "observation": {"temperature": 21}},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+]}
+SUM = {"conversations": [
+    {"role": "user", "content": "Add 2 and 3"},
+    {"role": "interpreter", "content": "print(2 + 3)", "observation": "5"},
+    {"role": "assistant", "content": "The sum is 5."},
+]}
+GREETING = {"conversations": [{"role": "user", "content": "Hello"},
+                              {"role": "assistant", "content": "Hello! How can I help you today?"}]}
+PROMPTS = [{"prompt": "The quick brown fox", "response": "jumps over the lazy dog."},
+           {"prompt": "Thank you, that was helpful.", "response": "Goodbye."},
+           {"prompt": "Here is the final answer", "response": "The user wants to know the details."}]
+GEN = {"max_new_tokens": 24}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread (the build machine's two cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def train(model, sequences, steps: int, lr: float):
+    """A few full-batch AdamW steps on encoded records (what finetune.py does, minus the Trainer)."""
+    batch = DataCollatorForChatGLM()([{"input_ids": s.input_ids, "labels": s.labels} for s in sequences])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), loss.item()
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A fully fine-tuned tiny model that learned the weather tool call, the interpreter turn and a
+    greeting; saved WITHOUT a tokenizer (the reference's `--tokenizer BASE --model FULL`)."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    model = GlmForCausalLM.from_pretrained(tiny_model_dir)
+    records = [WEATHER, SUM, GREETING]
+    with one_thread():
+        _, loss = train(model, [encode_multi_turn(tokenizer, r) for r in records], steps=80, lr=3e-3)
+    assert loss < 0.05, f"the tiny model did not learn its records (loss {loss})"
+    out = tmp_path_factory.mktemp("full")
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained_prefix(tiny_model_dir, tmp_path_factory):
+    """A P-Tuning v2 prefix (4 positions) trained on prompt/response records, saved (prefix files
+    only); returns (folder, the in-memory model). A prefix cannot make a random tiny base memorize
+    much, but it changes what it generates."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    model = PrefixTuningModel(GlmForCausalLM.from_pretrained(tiny_model_dir), pre_seq_len=4, prefix_dropout=0.0,
+                              base_model_name_or_path=tiny_model_dir)
+    with one_thread():
+        train(model, [encode_prompt_response(tokenizer, r) for r in PROMPTS], steps=10, lr=5e-2)
+    out = tmp_path_factory.mktemp("pt")
+    model.save_pretrained(str(out))
+    return str(out), model
+
+
+@pytest.fixture(scope="session")
+def pt_checkpoint(trained_prefix):
+    return trained_prefix[0]
+
+
+@pytest.fixture(scope="session")
+def pt_chat(tiny_model_dir, pt_checkpoint):
+    return load_chat_model(tiny_model_dir, pt_checkpoint=pt_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def full_chat(tiny_model_dir, full_checkpoint):
+    return load_chat_model(full_checkpoint, tokenizer=tiny_model_dir, device="cpu")
+
+
+def user(text: str) -> Message:
+    return Message("user", "", text, False)
+
+
+def tools_message() -> Message:
+    return inference.system_messages(None, TOOLS)[0]
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+def prompt_batch(chat):
+    items = build_eval_items(chat.tokenizer, PROMPTS, "input-output")
+    return [item.prompt_ids for item in items] + [chat.chat_input_ids([user("Hello")])]
+
+
+@pytest.mark.parametrize("which", ["pt_chat", "full_chat"])
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(which, request):
+    chat = request.getfixturevalue(which)
+    prompts = prompt_batch(chat)
+    assert len({len(p) for p in prompts}) >= 3  # really padded
+    batched = chat.generate(prompts, **GEN)
+    alone = [chat.generate([p], **GEN)[0] for p in prompts]
+    assert batched == alone
+    assert all(stop not in row for row in batched for stop in chat.stop_token_ids)
+
+
+def test_the_loaded_prefix_is_the_trained_one_and_is_used(pt_chat, trained_prefix, tiny_model_dir):
+    prompts = prompt_batch(pt_chat)
+    loaded = pt_chat.generate(prompts, **GEN)
+    assert loaded == ChatModel(trained_prefix[1], pt_chat.tokenizer).generate(prompts, **GEN)
+    base = ChatModel(GlmForCausalLM.from_pretrained(tiny_model_dir), pt_chat.tokenizer)
+    assert sum(a != b for a, b in zip(loaded, base.generate(prompts, **GEN))) >= 3
+
+
+def test_stream_pieces_join_to_the_generated_text_and_closing_stops_it(full_chat):
+    prompt = full_chat.chat_input_ids([user("Hello")])
+    completion = full_chat.generate_completions([prompt], **GEN)[0]
+    stream = full_chat.stream(prompt, **GEN)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == completion.text == stream.text
+    assert stream.token_ids == completion.token_ids and stream.finish_reason == "stop"
+
+    with full_chat.stream(prompt, max_new_tokens=500, min_new_tokens=500) as early:
+        first = next(early)
+    # closing stopped the generation thread after a few tokens of the 500 it was asked for
+    assert first and early.finish_reason is None and len(early.token_ids) < 50
+
+
+def test_stop_strings_and_length_limits(full_chat):
+    prompt = full_chat.chat_input_ids([user("Hello")])
+    text = full_chat.generate_completions([prompt], **GEN)[0].text
+    assert "How can" in text
+    cut = full_chat.generate_completions([prompt], stop_strings=["How can"], **GEN)[0]
+    assert cut.text == text[:text.index("How can")] and cut.finish_reason == "stop"
+    assert "How can" in full_chat.decode(cut.token_ids)
+    streamed = full_chat.stream(prompt, stop_strings=["How can"], **GEN)
+    assert "".join(streamed) == cut.text
+    short = full_chat.generate_completions([prompt], max_new_tokens=3)[0]
+    assert len(short.token_ids) == 3 and short.finish_reason == "length"
+    fixed = full_chat.generate([prompt], max_new_tokens=30, min_new_tokens=30)[0]
+    assert len(fixed) == 30
+
+
+def test_reply_parses_the_learned_tool_call_and_interpreter_code(full_chat):
+    call = full_chat.reply([tools_message(), user("What is the weather in Paris?")], **GEN)
+    assert call.tool_call is not None and (call.tool_call.name, call.tool_call.parameters) == ("get_weather",
+                                                                                              {"city": "Paris"})
+    code = full_chat.reply([user("Add 2 and 3")], **GEN)
+    assert code.metadata == "interpreter" and code.code == "print(2 + 3)"
+
+
+def test_metadata_splitter_streams_only_the_content():
+    splitter = MetadataSplitter()
+    shown = [splitter.feed(p) for p in ["", "\n", " Hel", "lo"]]
+    assert splitter.metadata == "" and "".join(shown) == "Hello"
+    call = MetadataSplitter()
+    assert call.feed("get_wea") == "" and call.metadata is None
+    call.feed("ther\n```python")
+    assert call.metadata == "get_weather"
+    assert MetadataSplitter().finish() == "" and (lambda s: (s.feed("no newline"), s.finish()))(
+        MetadataSplitter())[1] == "no newline"
+
+
+# ---- the chat loop ------------------------------------------------------------------------------
+
+def run_cli(monkeypatch, capsys, argv, stdin=""):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = inference.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_chat_loop_through_stdin_with_a_learned_tool_call_and_clear(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                               full_checkpoint):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    stdin = "\n".join(["What is the weather in Paris?", '{"temperature": 21}', "clear",
+                       "What is the weather in Paris?", '{"temperature": 21}', "exit"]) + "\n"
+    code, out, err = run_cli(monkeypatch, capsys, ["--tokenizer", tiny_model_dir, "--model", full_checkpoint,
+                                                   "--tools", str(tools), "--max-new-tokens", "24"], stdin)
+    assert code == 0, err
+    assert out.count('[tool call] get_weather {"city": "Paris"}') == 2
+    assert out.count("Observation: Assistant: It is 21 degrees in Paris.") == 2  # the answer after the observation
+    assert out.count("(conversation cleared)") == 1 and out.rstrip().endswith("User:")
+
+
+class ScriptedStream:
+    """Stands in for ChatModel.stream: replays texts in pieces and records each prompt."""
+
+    def __init__(self, texts):
+        self.texts, self.prompts = list(texts), []
+
+    def __call__(self, prompt_ids, **options):
+        self.prompts.append(prompt_ids)
+        text = self.texts.pop(0)
+        pieces = iter([text[i:i + 3] for i in range(0, len(text), 3)])
+
+        class _Stream:
+            def __iter__(self):
+                return pieces
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+        return _Stream()
+
+
+def test_chat_loop_keeps_the_history_exactly_as_training_renders_it(full_chat):
+    scripted = ScriptedStream([
+        "interpreter\n```python\nprint(1 + 2)\n```",
+        "\nThree.",
+        "get_weather\n```python\ntool_call(city=Paris)\n```",  # malformed: shown and kept as text
+    ])
+    chat = ChatModel(full_chat.model, full_chat.tokenizer)
+    chat.stream = scripted
+    out = io.StringIO()
+    start = [Message("system", "", "Be brief.", False)]
+    inference.chat_loop(chat, start, {}, io.StringIO("Add 1 and 2\n3\nAgain\n"), out)
+    shown = out.getvalue()
+    assert "[code interpreter]\nprint(1 + 2)" in shown and "Interpreter output: " in shown
+    assert "Assistant: Three." in shown
+    assert "tool_call(city=Paris)" in shown and "[could not read the call:" in shown
+    expected_history = start + [
+        user("Add 1 and 2"),
+        Message("assistant", "interpreter", "```python\nprint(1 + 2)\n```", True),
+        Message("observation", "", "3", False),
+        Message("assistant", "", "Three.", True),
+        user("Again"),
+    ]
+    assert scripted.prompts[2] == chat.chat_input_ids(expected_history)
+
+
+# ---- one prompt and the reference's invocation styles --------------------------------------------
+
+def test_prompt_mode_with_tools_and_both_reference_styles(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                          full_checkpoint, pt_checkpoint, pt_chat):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    code, out, _ = run_cli(monkeypatch, capsys, ["--tokenizer", tiny_model_dir, "--model", full_checkpoint,
+                                                 "--tools", str(tools), "--prompt", "What is the weather in Paris?"])
+    assert code == 0 and out.strip() == '[tool call] get_weather {"city": "Paris"}'
+
+    code, out, _ = run_cli(monkeypatch, capsys, ["--pt-checkpoint", pt_checkpoint, "--model", tiny_model_dir,
+                                                 "--prompt", "Hello", "--max-new-tokens", "24"])
+    assert code == 0
+    assert out.strip() == pt_chat.reply([user("Hello")], **GEN).content
+    # the prefix folder alone names its base model
+    code, again, _ = run_cli(monkeypatch, capsys, ["--model", pt_checkpoint, "--prompt", "Hello",
+                                                   "--max-new-tokens", "24"])
+    assert code == 0 and again == out
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def test_file_mode_prompt_response_predictions_and_metrics(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                           pt_checkpoint, pt_chat):
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([dict(r, id=i) for i, r in enumerate(PROMPTS)]))
+    output = tmp_path / "out" / "predictions.jsonl"
+    code, out, _ = run_cli(monkeypatch, capsys, ["--model", tiny_model_dir, "--pt-checkpoint", pt_checkpoint,
+                                                 "--input", str(data), "--output", str(output), "--batch-size", "2",
+                                                 "--max-new-tokens", "24"])
+    assert code == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "prediction"} for r in rows] == [dict(r, id=i)
+                                                                                for i, r in enumerate(PROMPTS)]
+    # batches of 2 (sorted by length) give what each prompt gives alone
+    alone = [pt_chat.decode(pt_chat.generate([p], **GEN)[0]) for p in prompt_batch(pt_chat)[:3]]
+    assert [r["prediction"] for r in rows] == alone
+    metrics = json.loads((tmp_path / "out" / "predictions.jsonl.metrics.json").read_text())
+    assert metrics == {**generation_metrics(alone, [r["response"] for r in PROMPTS]), "num_predictions": 3}
+    assert set(metrics) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "num_predictions"}
+    assert json.loads(out[:out.index("}") + 1]) == metrics
+
+
+def test_file_mode_prompt_cap_matches_training(monkeypatch, capsys, tmp_path, tiny_model_dir, pt_checkpoint,
+                                               pt_chat):
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    output = tmp_path / "capped.jsonl"
+    assert run_cli(monkeypatch, capsys, ["--model", tiny_model_dir, "--pt-checkpoint", pt_checkpoint, "--input",
+                                         str(data), "--output", str(output), "--max-source-length", "4",
+                                         "--max-new-tokens", "24"])[0] == 0
+    capped = [item.prompt_ids for item in build_eval_items(pt_chat.tokenizer, PROMPTS, "input-output", 4)]
+    assert {len(p) for p in capped} == {4}
+    expected = [pt_chat.decode(ids) for ids in pt_chat.generate(capped, **GEN)]
+    assert [json.loads(line)["prediction"] for line in output.read_text().splitlines()] == expected
+
+
+def test_file_mode_conversations_score_tool_calls(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint):
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (WEATHER, GREETING)))
+    output = tmp_path / "tools.pred.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, ["--tokenizer", tiny_model_dir, "--model", full_checkpoint,
+                                                 "--input", str(data), "--output", str(output)])
+    assert code == 0, err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    weather = rows[0]["prediction"]
+    assert [p["turn"] for p in weather] == [1, 2] and [p["role"] for p in weather] == ["tool", "assistant"]
+    assert weather[0]["tool_call"] == {"name": "get_weather", "parameters": {"city": "Paris"}}
+    assert weather[1]["content"] == "It is 21 degrees in Paris."
+    metrics = json.loads(output.with_name("tools.pred.jsonl.metrics.json").read_text())
+    assert metrics["tool_name_accuracy"] == metrics["parameters_exact_match"] == 100.0
+    assert metrics["num_expected_calls"] == 1 and metrics["num_unexpected_calls"] == 0
+    assert metrics["rouge-l"] == 100.0 and metrics["num_plain_turns"] == 2
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_model_dir, pt_checkpoint,
+                                         full_checkpoint):
+    def error_of(*argv):
+        code, _, err = run_cli(monkeypatch, capsys, list(argv) + ["--prompt", "hi"])
+        assert code == 2 and "Traceback" not in err
+        return err
+
+    assert "no such folder" in error_of("--model", str(tmp_path / "missing"))
+    assert "no such folder" in error_of("--model", tiny_model_dir, "--pt-checkpoint", str(tmp_path / "nope"))
+    err = error_of("--model", tiny_model_dir, "--pt-checkpoint", pt_checkpoint, "--pt-pre-seq-len", "16")
+    assert "pre_seq_len 16" in err and "pre_seq_len 4" in err
+    assert "--tokenizer" in error_of("--model", full_checkpoint)  # no tokenizer.model beside the weights
+    assert "is a P-Tuning checkpoint" in error_of("--model", pt_checkpoint, "--pt-checkpoint", pt_checkpoint)
+    bad_tools = tmp_path / "tools.json"
+    bad_tools.write_text('{"name": "x"}')
+    assert "JSON list" in error_of("--model", tiny_model_dir, "--tools", str(bad_tools))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(GREETING) + "\n" + json.dumps({"conversations": [{"role": "sytem", "content": "x"}]}))
+    code, _, err = run_cli(monkeypatch, capsys, ["--model", tiny_model_dir, "--input", str(bad), "--output",
+                                                 str(tmp_path / "o.jsonl")])
+    assert code == 2 and f"{bad}:2: conversations[0].role: 'sytem'" in err and "Traceback" not in err
+    code, _, err = run_cli(monkeypatch, capsys, ["--model", tiny_model_dir, "--input", str(tmp_path / "no.jsonl"),
+                                                 "--output", str(tmp_path / "o.jsonl")])
+    assert code == 2 and "no such data file" in err
+
+
+def test_pre_seq_len_given_right_is_accepted(tiny_model_dir, pt_checkpoint):
+    assert load_chat_model(tiny_model_dir, pt_checkpoint=pt_checkpoint, pt_pre_seq_len=4).is_prefix_tuned
+
+
+def test_an_original_format_ptuning_checkpoint_reproduces_the_original_model(tmp_path):
+    conversion = pytest.importorskip("chatglm3_conversion")
+    from safetensors.torch import load_file
+
+    model_dir = shared_path("chatglm3-tiny-original", "model")
+    ptuning = shared_path("chatglm3-tiny-original", "ptuning")
+    reference = load_file(str(shared_path("chatglm3-tiny-original", "reference_outputs.safetensors")))
+    converted = conversion.convert_checkpoint(str(model_dir), str(tmp_path / "converted"), dtype="float32")
+    chat = load_chat_model(converted, pt_checkpoint=str(ptuning), pt_pre_seq_len=4, device="cpu", dtype="float32")
+    for i in range(2):
+        prompt = reference[f"prompt{i}.input_ids"][0].tolist()
+        expected = reference[f"prompt{i}.ptuning_greedy8"].reshape(-1).tolist()
+        got = chat.generate([prompt], max_new_tokens=8)[0]
+        # generation stops on ChatGLM3's stop tokens; the reference ran 8 steps without stopping
+        assert got == expected[:len(got)]
+        assert len(got) == 8 or expected[len(got)] in chat.stop_token_ids
