@@ -353,14 +353,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_chat_model(model: str, tokenizer: str | None = None, pt_checkpoint: str | None = None,
+def load_chat_model(model: str | None, tokenizer: str | None = None, pt_checkpoint: str | None = None,
                     pt_pre_seq_len: int | None = None, lora: str | None = None, device: str = "auto",
                     dtype: str = "auto", trust_remote_code: bool = False) -> ChatModel:
     """A ChatModel from folders: a base model plus a P-Tuning v2 prefix (this toolkit's format or
     the original ChatGLM3 one) or a LoRA adapter (merged), or a fully fine-tuned model.
 
     The tokenizer comes from `tokenizer`, else the first of the model, prefix and adapter folders
-    that holds one. A prefix or adapter folder given as `model` is resolved to the base it names.
+    that holds one. Without `model`, or with a prefix or adapter folder as `model`, the base model
+    is the one the prefix or adapter names (its `base_model_name_or_path`).
     Raises ModelLoadError with what to do when something does not fit.
     """
     from chatglm3_tokenizer import load_tokenizer
@@ -392,8 +393,15 @@ def load_chat_model(model: str, tokenizer: str | None = None, pt_checkpoint: str
     return ChatModel(loaded.to(device), chat_tokenizer)
 
 
-def _resolve_adapter_given_as_model(model: str, pt_checkpoint: str | None, lora: str | None):
-    """`--model PREFIX_DIR` or `--model ADAPTER_DIR` without a base: use the base the folder names."""
+def _resolve_adapter_given_as_model(model: str | None, pt_checkpoint: str | None, lora: str | None):
+    """No model, or `--model PREFIX_DIR` / `--model ADAPTER_DIR`: use the base the prefix or adapter names."""
+    if model is None:
+        source = pt_checkpoint or lora
+        found = _adapter_checkpoint(source) if source and os.path.isdir(source) else None
+        if found is None or not found[1] or not os.path.isdir(found[1]):
+            named = f" ({source} names {found[1]!r})" if found else ""
+            raise ModelLoadError(f"no base model folder{named}: pass --model BASE")
+        return found[1], pt_checkpoint, lora
     found = _adapter_checkpoint(model) if os.path.isdir(model) else None
     if found is None:
         return model, pt_checkpoint, lora

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="base model folder, or a fully fine-tuned checkpoint")
+    model.add_argument("--model", help="base model folder, or a fully fine-tuned checkpoint (default: the base "
+                                       "that --pt-checkpoint or --lora names)")
     model.add_argument("--tokenizer", help="tokenizer folder (default: the model, prefix or adapter folder)")
     model.add_argument("--pt-checkpoint", help="P-Tuning v2 prefix folder (this toolkit's or the original format)")
     model.add_argument("--pt-pre-seq-len", type=int, help="expected prefix length (read from the checkpoint; "
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     files.add_argument("--max-source-length", type=int, default=1024,
                        help="prompt/response records: prompt cap in tokens, [gMASK] sop included (as in training)")
     args = parser.parse_args(argv)
+    if not (args.model or args.pt_checkpoint or args.lora):
+        parser.error("--model is required (or --pt-checkpoint/--lora, whose base model is then used)")
     if bool(args.input) != bool(args.output):
         parser.error("--input and --output go together")
     if args.input and args.prompt:

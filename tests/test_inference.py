@@ -283,10 +283,10 @@ def test_prompt_mode_with_tools_and_both_reference_styles(monkeypatch, capsys, t
                                                  "--prompt", "Hello", "--max-new-tokens", "24"])
     assert code == 0
     assert out.strip() == pt_chat.reply([user("Hello")], **GEN).content
-    # the prefix folder alone names its base model
-    code, again, _ = run_cli(monkeypatch, capsys, ["--model", pt_checkpoint, "--prompt", "Hello",
-                                                   "--max-new-tokens", "24"])
-    assert code == 0 and again == out
+    # the prefix folder names its base model
+    for argv in (["--model", pt_checkpoint], ["--pt-checkpoint", pt_checkpoint]):
+        code, again, _ = run_cli(monkeypatch, capsys, argv + ["--prompt", "Hello", "--max-new-tokens", "24"])
+        assert code == 0 and again == out
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -359,6 +359,13 @@ def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_mod
     assert "pre_seq_len 16" in err and "pre_seq_len 4" in err
     assert "--tokenizer" in error_of("--model", full_checkpoint)  # no tokenizer.model beside the weights
     assert "is a P-Tuning checkpoint" in error_of("--model", pt_checkpoint, "--pt-checkpoint", pt_checkpoint)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    for name in ("prefix_config.json", "prefix_encoder.safetensors"):
+        orphan.joinpath(name).write_bytes(open(f"{pt_checkpoint}/{name}", "rb").read())
+    config = json.loads(orphan.joinpath("prefix_config.json").read_text())
+    orphan.joinpath("prefix_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gone/base"}))
+    assert "names 'gone/base'" in error_of("--pt-checkpoint", str(orphan))
     bad_tools = tmp_path / "tools.json"
     bad_tools.write_text('{"name": "x"}')
     assert "JSON list" in error_of("--model", tiny_model_dir, "--tools", str(bad_tools))
@@ -375,6 +382,28 @@ def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_mod
 
 def test_pre_seq_len_given_right_is_accepted(tiny_model_dir, pt_checkpoint):
     assert load_chat_model(tiny_model_dir, pt_checkpoint=pt_checkpoint, pt_pre_seq_len=4).is_prefix_tuned
+
+
+def test_a_lora_adapter_loads_merged_and_generates_like_the_peft_model(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(GlmForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    in_memory = ChatModel(peft_model, tokenizer)  # an unmerged peft model works too
+    prompts = prompt_batch(in_memory)
+    expected = in_memory.generate(prompts, **GEN)
+    merged = load_chat_model(tiny_model_dir, lora=str(tmp_path / "adapter"), device="cpu")
+    assert merged.generate(prompts, **GEN) == expected
+    base = ChatModel(GlmForCausalLM.from_pretrained(tiny_model_dir), tokenizer)
+    assert base.generate(prompts, **GEN) != expected
+    # the adapter folder alone names its base model
+    code, out, _ = run_cli(monkeypatch, capsys, ["--model", str(tmp_path / "adapter"), "--prompt", "Hello",
+                                                 "--max-new-tokens", "24"])
+    assert code == 0 and out.strip() == in_memory.reply([user("Hello")], **GEN).content
 
 
 def test_an_original_format_ptuning_checkpoint_reproduces_the_original_model(tmp_path):
