@@ -71,6 +71,9 @@ class DataArguments:
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "round padded lengths up (e.g. 8)"})
     packing: bool = field(default=False, metadata={
         "help": "pack several records per row, each attending only to itself (no padding waste)"})
+    loss_on_targets_only: bool = field(default=True, metadata={
+        "help": "compute the output layer and loss only at supervised positions (same loss, less time and "
+                "memory); --no_loss_on_targets_only computes logits everywhere, as the reference did"})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
     preprocessing_cache_dir: str | None = field(default=None, metadata={
         "help": "where tokenized data is cached (default: ~/.cache/chatglm3_finetune)"})
@@ -125,6 +128,9 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         _check_ptuning_checkpoint(model_args)
     if data_args.packing and data_args.pad_to_max_length:
         raise OptionError("--packing and --pad_to_max_length exclude each other")
+    if data_args.packing and model_args.attn_implementation == "eager":
+        raise OptionError("--packing needs sdpa (the default) or flash_attention_2 attention: eager attention "
+                          "adds the mask, and packed rows carry a boolean block-diagonal one")
     limits = (data_args.max_seq_length,) if data_args.train_format == MULTI_TURN else (
         data_args.max_source_length, data_args.max_target_length)
     if any(limit is not None and limit < 3 for limit in limits):

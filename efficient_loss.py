@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from packing import attention_mask_for
 
@@ -102,4 +103,34 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     return total / denominator, num_targets
 
 
-__all__ = ["IGNORE_INDEX", "DEFAULT_CHUNK_SIZE", "count_targets", "supervised_lm_loss"]
+def use_supervised_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes a model's TRAINING forward with labels use `supervised_lm_loss`; returns the model.
+
+    A P-Tuning wrapper gets its switch turned on; a plain causal LM (or the one inside a peft
+    model) gets an instance-level forward that, in training mode and with labels, returns only the
+    loss, and otherwise defers to the class's own forward (evaluation, generation, saving are
+    untouched). The loss runs inside the model's forward, so DDP and DeepSpeed wrappers see a
+    normal call.
+    """
+    if hasattr(model, "supervised_loss") and hasattr(model, "prefix_encoder"):
+        model.supervised_loss = True
+        return model
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original_forward = causal_lm.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if labels is None or not causal_lm.training or kwargs.get("inputs_embeds") is not None:
+            return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    labels=labels, **kwargs)
+        for unused in ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep"):
+            kwargs.pop(unused, None)
+        loss, _ = supervised_lm_loss(causal_lm, labels, kwargs.pop("num_items_in_batch", None),
+                                     input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, **kwargs)
+        return CausalLMOutputWithPast(loss=loss)
+
+    causal_lm.forward = forward
+    return model
+
+
+__all__ = ["IGNORE_INDEX", "DEFAULT_CHUNK_SIZE", "count_targets", "supervised_lm_loss", "use_supervised_loss"]

@@ -23,9 +23,10 @@ import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from arguments import OptionError, check_options, parse_args  # noqa: E402
-from chatglm3_tokenizer import load_tokenizer
-from model_loading import ModelLoadError, load_for_training
-from preprocess_utils import (
+from chatglm3_tokenizer import load_tokenizer  # noqa: E402
+from efficient_loss import use_supervised_loss  # noqa: E402
+from model_loading import ModelLoadError, load_for_training  # noqa: E402
+from preprocess_utils import (  # noqa: E402
     MULTI_TURN, DataCollatorForChatGLM, DataError, LengthLimits, print_sanity_check, read_records,
     tokenize_records, validate_records,
 )
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         model = load_for_training(model_args, training_args)
     except ModelLoadError as e:
         fail(str(e))
+    if data_args.loss_on_targets_only:
+        use_supervised_loss(model)
 
     from trainer import ChatGLMTrainer, plot_loss_curve, write_run_config
 

@@ -32,6 +32,8 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from efficient_loss import supervised_lm_loss
+
 logger = logging.getLogger(__name__)
 
 PREFIX_FORMAT = "chatglm3-ptuning-v2"
@@ -190,6 +192,7 @@ class PrefixTuningModel(nn.Module):
         # Read once here: under ZeRO-3 a base parameter is an empty shard at forward time.
         self._base_dtype = _first_float_dtype(base_model)
         self._cache_argument = _cache_argument_name(base_model)
+        self.supervised_loss = False  # set by efficient_loss.use_supervised_loss
 
     @property
     def pre_seq_len(self) -> int:
@@ -225,9 +228,13 @@ class PrefixTuningModel(nn.Module):
         if attention_mask is None:
             return None
         if attention_mask.dim() == 4:
+            if attention_mask.shape[-1] == seq_len:  # packed rows: every record sees the whole prefix
+                visible = 0 if attention_mask.is_floating_point() else 1  # additive float, or bool/int keep-masks
+                prefix_columns = attention_mask.new_full((*attention_mask.shape[:-1], self.pre_seq_len), visible)
+                return torch.cat([prefix_columns, attention_mask], dim=-1)
             if attention_mask.shape[-1] != self.pre_seq_len + seq_len:
-                raise ValueError(f"a 4D attention_mask must cover the {self.pre_seq_len} prefix positions plus the "
-                                 f"{seq_len} tokens ({self.pre_seq_len + seq_len} keys), "
+                raise ValueError(f"a 4D attention_mask must cover the {seq_len} tokens, or the {self.pre_seq_len} "
+                                 f"prefix positions plus the tokens ({self.pre_seq_len + seq_len} keys), "
                                  f"got {attention_mask.shape[-1]}")
             return attention_mask
         if attention_mask.shape[-1] != seq_len:
@@ -258,7 +265,13 @@ class PrefixTuningModel(nn.Module):
                                   cache=cache, labels=labels, **kwargs)
 
     def _forward_base(self, input_ids, attention_mask, position_ids, cache, labels, **kwargs) -> CausalLMOutputWithPast:
-        """The one call into the base model (loss included)."""
+        """The one call into the base model (loss included). In training, with `supervised_loss`
+        on, the output layer only runs at supervised positions (`efficient_loss`)."""
+        if labels is not None and self.training and self.supervised_loss:
+            loss, _ = supervised_lm_loss(self.base_model, labels, kwargs.pop("num_items_in_batch", None),
+                                         input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, **{self._cache_argument: cache}, **kwargs)
+            return CausalLMOutputWithPast(loss=loss)
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   labels=labels, use_cache=False, return_dict=True,
                                   **{self._cache_argument: cache}, **kwargs)

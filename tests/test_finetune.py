@@ -155,3 +155,25 @@ def test_nothing_left_to_train_is_an_error(tiny_model_dir, formatted_samples, tm
     result = run_finetune(*args, check=False)
     assert result.returncode == 2
     assert "no records left" in result.stderr and "Traceback" not in result.stderr
+
+
+def first_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir, formatted_samples, tmp_path):
+    runs = {}
+    for name, extra in {"targets-only": [], "all-positions": ["--no_loss_on_targets_only"],
+                        "packed": ["--packing"]}.items():
+        output_dir = tmp_path / name
+        result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                           "--pre_seq_len", "4", "--prefix_dropout", "0", "--max_steps", "2",
+                                           "--save_strategy", "no", "--learning_rate", "1e-2", *extra))
+        runs[name] = (output_dir, result.stdout + result.stderr)
+    torch.testing.assert_close(first_losses(runs["targets-only"][0]), first_losses(runs["all-positions"][0]),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prefix_weights(runs["targets-only"][0]), prefix_weights(runs["all-positions"][0]),
+                               rtol=1e-4, atol=1e-5)
+    assert "Packed 41 records into" in runs["packed"][1]
+    assert len(first_losses(runs["packed"][0])) == 2
