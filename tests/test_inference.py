@@ -193,8 +193,8 @@ def test_metadata_splitter_streams_only_the_content():
     assert call.feed("get_wea") == "" and call.metadata is None
     call.feed("ther\n```python")
     assert call.metadata == "get_weather"
-    assert MetadataSplitter().finish() == "" and (lambda s: (s.feed("no newline"), s.finish()))(
-        MetadataSplitter())[1] == "no newline"
+    unfinished = MetadataSplitter()
+    assert unfinished.feed("no line break") == "" and unfinished.finish() == "no line break"
 
 
 # ---- the chat loop ------------------------------------------------------------------------------
