@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -622,6 +623,7 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--lora", default=env.get("LORA_PATH"), help="LoRA adapter folder (env LORA_PATH)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None,
@@ -633,11 +635,14 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="a web origin allowed to call the API from a browser (repeatable; the page at / "
                              "needs none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is often fastest for small "
+                             "models on a busy machine)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("give the model folder with --model or MODEL_PATH")
-    for name in ("port", "max_context", "default_max_tokens"):
+    for name in ("port", "max_context", "default_max_tokens", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -656,12 +661,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         chat = load_chat_model(args.model, tokenizer=args.tokenizer, pt_checkpoint=args.pt_checkpoint,
                                pt_pre_seq_len=args.pt_pre_seq_len, lora=args.lora, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     except ModelLoadError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(chat, served_model_name(args), args.max_context, args.default_max_tokens, args.cors_origin)
     logger.info("serving %s on http://%s:%d (chat page at /)", served_model_name(args), args.host, args.port)

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from api_server import (StreamedReply, assistant_message, chat_messages, create_app, parse_args,  # noqa: E402
-                        served_model_name, split_segments)
+from api_server import (StreamedReply, assistant_message, chat_messages, create_app, main,  # noqa: E402
+                        parse_args, served_model_name, split_segments)
 from chat_engine import ChatModel, load_chat_model  # noqa: E402
 from chat_parsing import render_tool_call  # noqa: E402
 from preprocess_utils import Message, build_chat_input, tools_system_prompt  # noqa: E402
@@ -425,6 +425,28 @@ def test_client_leaving_mid_stream_stops_the_generation(scripted, scripted_model
     assert answer.choices[0].message.content == "Next one."
 
 
+def test_request_whose_client_left_while_queued_is_skipped(scripted, scripted_model):
+    tok = scripted.tokenizer
+    release = threading.Event()
+    scripted_model.pause_at = (1, release)
+    scripted_model.replies += [reply_ids(tok, ("", "First.")), reply_ids(tok, ("", "Third."))]
+    client = scripted.server.client()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.chat.completions.create, model="s", messages=[{"role": "user", "content": "1"}])
+        while not scripted_model.prompts:  # the first request holds the model
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", scripted.server.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": [{"role": "user", "content": "2"}]}))
+        time.sleep(0.3)  # let the server read it and queue it
+        conn.close()
+        release.set()
+        assert first.result().choices[0].message.content == "First."
+    third = client.chat.completions.create(model="s", messages=[{"role": "user", "content": "3"}])
+    assert third.choices[0].message.content == "Third."
+    user_texts = [tok.decode(p[p.index(tok.role_token_id("user")) + 1:-1]).strip() for p in scripted_model.prompts]
+    assert user_texts == ["1", "3"]
+
+
 def test_concurrent_clients_each_get_their_own_answer(tiny_server):
     """8 clients at once (half streaming) get exactly the answer their request gets alone."""
     def ask(i: int, stream: bool) -> tuple[str, str]:
@@ -463,13 +485,14 @@ def test_command_line_says_what_to_do_without_a_model(capsys):
     assert "--model or MODEL_PATH" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_serves_the_model_from_model_path(tiny_model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MODEL_PATH": tiny_model_dir}
     process = subprocess.Popen([sys.executable, str(ROOT / "api_server.py"), "--port", str(port), "--device", "cpu",
-                                "--model-name", "cli-tiny"], env=env, cwd=str(ROOT),
+                                "--model-name", "cli-tiny", "--threads", "1"], env=env, cwd=str(ROOT),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
@@ -488,3 +511,8 @@ def test_command_line_serves_the_model_from_model_path(tiny_model_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_command_line_reports_a_missing_model_folder(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'missing'}: no such folder" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""Serving speed of api_server.py: requests/s, output tokens/s and time to first token (streaming)
+at 1 and 8 concurrent clients, all on 127.0.0.1.
+
+By default the model is the tests' tiny GLM (hidden 64, 2 layers), first taught the ChatGLM3 chat
+layout for a few steps on the bundled AdvertiseGen samples so that its answers are plain text
+that streams (a random model's first line is never empty, so the server would hold its whole
+answer as a would-be tool call and the first token would arrive with the last). The server
+runs in its own process; each client sends streaming requests back to back (greedy, max_tokens
+fixed) and times the first content chunk and the end.
+
+    python benchmarks/bench_serve.py                          # tiny model on the CPU
+    python benchmarks/bench_serve.py --model models/base --pt-checkpoint output/pt --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SAMPLES = ROOT / "data" / "sample" / "advertise_gen_train.json"
+
+
+def sample_records() -> list[dict]:
+    with open(SAMPLES, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"conversations": [{"role": "user", "content": row["content"]},
+                               {"role": "assistant", "content": row["summary"]}]} for row in rows]
+
+
+def build_chat_tuned_tiny_model(out_dir: str, steps: int, seed: int = 0) -> str:
+    """The tests' tiny model, trained `steps` AdamW steps on the sample chats (full fine-tuning)."""
+    import torch
+    from transformers import GlmForCausalLM
+
+    from chatglm3_tokenizer import load_tokenizer
+    from preprocess_utils import DataCollatorForChatGLM, encode_multi_turn
+    from tiny_model import build_tiny_model
+
+    records = sample_records()
+    texts = [turn["content"] for record in records for turn in record["conversations"]]
+    build_tiny_model(out_dir, texts=texts, seed=seed)
+    tokenizer = load_tokenizer(out_dir)
+    model = GlmForCausalLM.from_pretrained(out_dir)
+    features = [encode_multi_turn(tokenizer, record).as_dict() for record in records]
+    collate = DataCollatorForChatGLM(tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = collate([features[i] for i in torch.randint(len(features), (8,), generator=generator).tolist()])
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, model_dir: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "api_server.py"), "--model", model_dir, "--port", str(port),
+               "--device", args.device, "--log-level", "warning"]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--pt-checkpoint", args.pt_checkpoint),
+                        ("--lora", args.lora), ("--dtype", args.dtype), ("--threads", args.threads)):
+        if value:
+            command += [flag, value]
+    process = subprocess.Popen(command, cwd=str(ROOT), env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status == 200:
+                return process
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise SystemExit("the server did not come up in 10 minutes")
+            time.sleep(0.2)
+
+
+def timed_request(port: int, prompt: str, max_tokens: int) -> dict:
+    """One streaming request: seconds to the first content chunk and to the end, tokens generated."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"status {response.status}: {response.read()[:500]!r}")
+    first = None
+    tokens = 0
+    for line in response:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        choices = event.get("choices") or [{}]
+        delta = choices[0].get("delta", {})
+        if first is None and (delta.get("content") or delta.get("tool_calls")):
+            first = time.perf_counter() - started
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    total = time.perf_counter() - started
+    conn.close()
+    return {"ttft": first if first is not None else total, "latency": total, "tokens": tokens}
+
+
+def run_level(port: int, clients: int, requests: int, prompts: list[str], max_tokens: int) -> dict:
+    """`requests` requests spread over `clients` threads that each send theirs back to back."""
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def client() -> list[dict]:
+        results = []
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return results
+            results.append(timed_request(port, prompts[index % len(prompts)], max_tokens))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(lambda _: client(), range(clients)) for r in rs]
+    wall = time.perf_counter() - started
+    ttfts = sorted(r["ttft"] for r in results)
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "mean_tokens": statistics.mean(r["tokens"] for r in results),
+            "ttft_mean_s": statistics.mean(ttfts), "ttft_p50_s": ttfts[len(ttfts) // 2],
+            "ttft_max_s": ttfts[-1], "latency_mean_s": statistics.mean(r["latency"] for r in results)}
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'tokens/req':>10} "
+              f"{'TTFT mean':>9} {'TTFT p50':>8} {'TTFT max':>8} {'latency':>8}")
+    print(header)
+    for r in rows:
+        print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} "
+              f"{r['mean_tokens']:>10.1f} {r['ttft_mean_s'] * 1000:>7.0f}ms {r['ttft_p50_s'] * 1000:>6.0f}ms "
+              f"{r['ttft_max_s'] * 1000:>6.0f}ms {r['latency_mean_s'] * 1000:>6.0f}ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="model folder to serve (default: a chat-tuned tiny model built here)")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--pt-checkpoint")
+    parser.add_argument("--lora")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--threads", help="torch CPU threads in the server (api_server.py --threads)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--tune-steps", type=int, default=60, help="chat-layout steps for the default tiny model")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    prompts = [record["conversations"][0]["content"] for record in sample_records()]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_chat_tuned_tiny_model(os.path.join(tmp, "tiny-chat"), args.tune_steps)
+        port = free_port()
+        server = start_server(args, model_dir, port)
+        try:
+            run_level(port, 1, 2, prompts, args.max_tokens)  # warm-up
+            rows = [run_level(port, clients, args.requests, prompts, args.max_tokens) for clients in args.clients]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"model: {args.model or f'tiny GLM (hidden 64, 2 layers), {args.tune_steps} chat-layout steps'}, "
+          f"device {args.device}, max_tokens {args.max_tokens}, greedy, streaming")
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
