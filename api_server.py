@@ -298,17 +298,6 @@ def _json_type(value: Any) -> str:
 
 # ---- replies: generated text -> OpenAI message --------------------------------------------------
 
-def assistant_boundaries(token_ids: list[int], assistant_id: int, decode) -> list[int]:
-    """Character offsets in the decoded reply where the model began a new assistant message."""
-    return [len(decode(token_ids[:i])) for i, token in enumerate(token_ids) if token == assistant_id]
-
-
-def split_segments(text: str, boundaries: list[int]) -> list[str]:
-    """The reply text cut into its assistant messages (boundaries past the text are not reached yet)."""
-    cuts = [0] + [b for b in boundaries if b <= len(text)] + [len(text)]
-    return [text[start:end] for start, end in zip(cuts, cuts[1:])]
-
-
 def read_segment(text: str) -> tuple[str, ToolCall | None]:
     """(text to show, tool call) of one generated assistant message."""
     reply = parse_assistant_reply(text)
@@ -339,7 +328,8 @@ def tool_call_json(call: ToolCall) -> dict:
 
 
 class StreamedReply:
-    """Turns the growing reply text into OpenAI deltas that add up to `assistant_message`'s result.
+    """Turns the growing reply (its segments, see `chat_engine.split_reply`) into OpenAI deltas that
+    add up to `assistant_message`'s result.
 
     A plain message (empty metadata line) streams as it comes, its trailing blanks held back
     until more text follows; any other message (a tool call) is read whole once it has ended.
@@ -351,8 +341,7 @@ class StreamedReply:
         self.text_sent = False
         self.calls: list[ToolCall] = []
 
-    def update(self, text: str, boundaries: list[int], final: bool = False) -> list[dict]:
-        segments = split_segments(text, boundaries)
+    def update(self, segments: list[str], final: bool = False) -> list[dict]:
         deltas = []
         for index in range(self.done, len(segments)):
             complete = final or index < len(segments) - 1
@@ -394,7 +383,6 @@ class ChatServer:
                  default_max_tokens: int = DEFAULT_MAX_TOKENS):
         self.chat, self.model_name, self.default_max_tokens = chat, model_name, default_max_tokens
         self.max_context = max_context or getattr(getattr(chat.model, "config", None), "max_position_embeddings", None)
-        self.assistant_id = chat.tokenizer.role_token_id("assistant")
         self.lock = anyio.Lock()
         self.created = int(time.time())
 
@@ -427,8 +415,7 @@ class ChatServer:
             _seed(request.seed)
             completion = await anyio.to_thread.run_sync(lambda: self.chat.generate_completions(
                 [prompt_ids], max_new_tokens, stop_strings=request.stop, **request.sampling())[0])
-        boundaries = assistant_boundaries(completion.token_ids, self.assistant_id, self.chat.decode)
-        content, calls = assistant_message(split_segments(completion.text, boundaries))
+        content, calls = assistant_message(self.chat.reply_segments(completion.token_ids, completion.text))
         message = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = [tool_call_json(call) for call in calls]
@@ -463,14 +450,14 @@ class ChatServer:
                 last_sent = time.monotonic()
                 while (piece := await anyio.to_thread.run_sync(next, stream, None)) is not None:
                     text += piece
-                    deltas = reply.update(text, self._boundaries(stream.token_ids))
+                    deltas = reply.update(self.chat.reply_segments(stream.token_ids, text))
                     for delta in deltas:
                         yield chunk(delta)
                     if deltas or time.monotonic() - last_sent > HEARTBEAT_S:
                         if not deltas:  # a write is how a server notices that the client has gone
                             yield ": generating\n\n"
                         last_sent = time.monotonic()
-                for delta in reply.update(stream.text, self._boundaries(stream.token_ids), final=True):
+                for delta in reply.update(self.chat.reply_segments(stream.token_ids, stream.text), final=True):
                     yield chunk(delta)
                 finish_reason = "tool_calls" if reply.calls else stream.finish_reason
                 yield chunk({}, finish_reason)
@@ -486,11 +473,6 @@ class ChatServer:
                 with anyio.CancelScope(shield=True):  # stop the generation thread before the next request
                     await anyio.to_thread.run_sync(stream.close)
         yield "data: [DONE]\n\n"
-
-    def _boundaries(self, token_ids: list[int]) -> list[int]:
-        if self.assistant_id not in token_ids:
-            return []
-        return assistant_boundaries(token_ids, self.assistant_id, self.chat.decode)
 
 
 def _seed(seed: int | None) -> None:

@@ -3,15 +3,23 @@ that turns ChatGLM3 messages into prompt ids, generates (batched, streamed) and 
 
     chat = load_chat_model("models/base", pt_checkpoint="output/pt")     # or lora=..., or a full model
     ids = chat.chat_input_ids([Message("user", "", "Hello", False)])
-    reply = chat.reply([Message("user", "", "Hello", False)])            # AssistantReply
+    reply = chat.reply([Message("user", "", "Hello", False)])            # ChatReply
+    reply.segments                                   # its assistant messages, parsed (AssistantReply)
+    reply.tool_call                                  # the last one's call, if it is one
     for piece in chat.stream(ids, max_new_tokens=64):                     # text as it is generated
         print(piece, end="")
 
 Generation stops on eos, `<|user|>` and `<|observation|>` (the stop token is not returned).
 Generated text is the raw assistant message: its metadata line first (empty for a plain answer,
 so plain text starts with "\\n"), then the content; `parse_assistant_reply` reads it, and
-`MetadataSplitter` separates the two while streaming. Records in the data format become
-messages with `preprocess_utils.conversation_messages({"tools": ..., "conversations": [...]})`.
+`MetadataSplitter` separates the two while streaming.
+
+One reply may hold several assistant messages: `<|assistant|>` is not a stop token, and a model
+trained on ToolAlpaca-style data writes a thought, then `<|assistant|>` and the tool call as a
+second message (metadata = the tool name). Decoding drops special tokens, so the messages are
+cut apart by where `<|assistant|>` stands in the token ids (`split_reply`) and parsed one by one.
+Records in the data format become messages with
+`preprocess_utils.conversation_messages({"tools": ..., "conversations": [...]})`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from chat_parsing import AssistantReply, parse_assistant_reply
+from chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
 from model_loading import ModelLoadError, load_base_model, resolve_dtype
 from preprocess_utils import Message, build_chat_input
 
@@ -52,6 +60,36 @@ class Completion:
     finish_reason: str
 
 
+@dataclass
+class ChatReply:
+    """The assistant messages of one generated reply, parsed, in order (never empty; blank ones
+    are left out), and why generation ended ("stop" or "length").
+
+    The last message says what comes next: a tool call or interpreter code waits for an
+    observation. In ToolAlpaca-style replies the first message is the thought before the call.
+    """
+
+    segments: list[AssistantReply]
+    finish_reason: str
+
+    @classmethod
+    def from_texts(cls, texts: list[str], finish_reason: str) -> "ChatReply":
+        replies = [parse_assistant_reply(text) for text in texts if text.strip()]
+        return cls(replies or [parse_assistant_reply("")], finish_reason)
+
+    @property
+    def last(self) -> AssistantReply:
+        return self.segments[-1]
+
+    @property
+    def tool_call(self) -> ToolCall | None:
+        return self.last.tool_call
+
+    @property
+    def code(self) -> str | None:
+        return self.last.code
+
+
 class ChatModel:
     """A causal LM (plain, LoRA-merged, fully fine-tuned or a PrefixTuningModel) and its tokenizer."""
 
@@ -59,6 +97,7 @@ class ChatModel:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_token_ids = list(tokenizer.stop_token_ids)
+        self.assistant_id = tokenizer.role_token_id("assistant")
 
     @property
     def device(self) -> torch.device:
@@ -79,30 +118,38 @@ class ChatModel:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def reply_segments(self, token_ids: list[int], text: str) -> list[str]:
+        """The reply's text cut into its assistant messages (see `split_reply`)."""
+        return split_reply(token_ids, text, self.assistant_id, self.decode)
+
     # ---- generation -------------------------------------------------------------------------
 
     def generate(self, prompt_ids_batch: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
-                 stop_strings: list[str] | None = None, min_new_tokens: int = 0) -> list[list[int]]:
+                 stop_strings: list[str] | None = None, min_new_tokens: int = 0,
+                 stop_token_ids: list[int] | None = None) -> list[list[int]]:
         """New token ids per prompt (left-padded batch), without the stop token."""
         return [c.token_ids for c in self.generate_completions(
-            prompt_ids_batch, max_new_tokens, do_sample, temperature, top_p, stop_strings, min_new_tokens)]
+            prompt_ids_batch, max_new_tokens, do_sample, temperature, top_p, stop_strings, min_new_tokens,
+            stop_token_ids)]
 
     def generate_completions(self, prompt_ids_batch: list[list[int]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                              do_sample: bool = False, temperature: float = DEFAULT_TEMPERATURE,
                              top_p: float = DEFAULT_TOP_P, stop_strings: list[str] | None = None,
-                             min_new_tokens: int = 0) -> list[Completion]:
+                             min_new_tokens: int = 0, stop_token_ids: list[int] | None = None) -> list[Completion]:
         """Like `generate`, with each row's text and finish reason. `min_new_tokens` forbids the
-        stop tokens before that many new tokens (benchmarks use it to time fixed lengths)."""
+        stop tokens before that many new tokens (benchmarks use it to time fixed lengths);
+        `stop_token_ids` replaces the chat stop tokens (evaluation adds `<|assistant|>`)."""
         if not prompt_ids_batch:
             return []
+        stops = list(stop_token_ids) if stop_token_ids is not None else self.stop_token_ids
         input_ids, attention_mask = left_pad(prompt_ids_batch, self.tokenizer.pad_token_id, self.device)
         width = input_ids.shape[1]
         criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, stop_strings, width)] if stop_strings else [])
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria,
-            **self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, min_new_tokens))
-        return [self._completion(row.tolist(), max_new_tokens, stop_strings) for row in output[:, width:]]
+        options = self._generation_kwargs(max_new_tokens, do_sample, temperature, top_p, min_new_tokens)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=criteria,
+                                     **{**options, "eos_token_id": stops})
+        return [self._completion(row.tolist(), max_new_tokens, stop_strings, stops) for row in output[:, width:]]
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,
                temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
@@ -112,11 +159,12 @@ class ChatModel:
         return TextStream(self, prompt_ids, options, stop_strings or [])
 
     def reply(self, messages: list[Message], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, do_sample: bool = False,
-              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P) -> AssistantReply:
-        """The assistant's next message, parsed (a plain answer, a tool call, interpreter code)."""
+              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P) -> ChatReply:
+        """The assistant's next messages, parsed (plain answers, a tool call, interpreter code)."""
         completion = self.generate_completions([self.chat_input_ids(messages)], max_new_tokens, do_sample,
                                                temperature, top_p)[0]
-        return parse_assistant_reply(completion.text)
+        segments = self.reply_segments(completion.token_ids, completion.text)
+        return ChatReply.from_texts(segments, completion.finish_reason)
 
     def _generation_kwargs(self, max_new_tokens, do_sample, temperature, top_p, min_new_tokens) -> dict:
         if max_new_tokens < 1:
@@ -131,8 +179,9 @@ class ChatModel:
             kwargs["min_new_tokens"] = min_new_tokens
         return kwargs
 
-    def _completion(self, new_ids: list[int], max_new_tokens: int, stop_strings: list[str] | None) -> Completion:
-        ids, finish = cut_at_stop_token(new_ids, self.stop_token_ids)
+    def _completion(self, new_ids: list[int], max_new_tokens: int, stop_strings: list[str] | None,
+                    stop_token_ids: list[int]) -> Completion:
+        ids, finish = cut_at_stop_token(new_ids, stop_token_ids)
         if finish is None:
             finish = "length" if len(ids) >= max_new_tokens else "stop"
         text = self.decode(ids)
@@ -143,7 +192,23 @@ class ChatModel:
         return Completion(ids, text, finish)
 
 
-# ---- helpers for batches and stops --------------------------------------------------------------
+# ---- helpers for batches, stops and replies ---------------------------------------------------------
+
+def split_reply(token_ids: list[int], text: str, assistant_id: int, decode) -> list[str]:
+    """The text of a generated reply cut into the assistant messages it holds.
+
+    `token_ids` are the new tokens, `text` their decoded text (special tokens skipped) or a prefix
+    of it: a stop string ended it, or streaming holds its tail back. Each `<|assistant|>` at index
+    i starts a new message at character len(decode(token_ids[:i])); cuts past the end of `text`
+    are not reached yet. A cut that is reached always yields a segment, empty if nothing follows
+    yet, so every segment but the last is complete.
+    """
+    if assistant_id not in token_ids:
+        return [text]
+    cuts = [0] + [len(decode(token_ids[:i])) for i, token in enumerate(token_ids) if token == assistant_id]
+    cuts = [cut for cut in cuts if cut <= len(text)]
+    return [text[start:end] for start, end in zip(cuts, cuts[1:] + [len(text)])]
+
 
 def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every row right-aligned, padding on the left."""
@@ -464,5 +529,5 @@ def _with_lora(base, adapter: str):
     return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
-__all__ = ["ChatModel", "Completion", "TextStream", "MetadataSplitter", "load_chat_model", "left_pad",
-           "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["ChatModel", "ChatReply", "Completion", "TextStream", "MetadataSplitter", "load_chat_model",
+           "left_pad", "split_reply", "DEFAULT_MAX_NEW_TOKENS"]

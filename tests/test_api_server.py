@@ -28,8 +28,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from api_server import (StreamedReply, assistant_message, chat_messages, create_app, main,  # noqa: E402
-                        parse_args, served_model_name, split_segments)
-from chat_engine import ChatModel, load_chat_model  # noqa: E402
+                        parse_args, served_model_name)
+from chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
 from chat_parsing import render_tool_call  # noqa: E402
 from preprocess_utils import Message, build_chat_input, tools_system_prompt  # noqa: E402
 
@@ -178,7 +178,7 @@ def test_completion_is_the_engine_answer_with_usage_and_streaming_adds_up_to_it(
     prompt = tiny_chat.chat_input_ids([Message("system", "", "You are terse.", False),
                                        Message("user", "", "Hello", False)])
     expected = tiny_chat.generate_completions([prompt], max_new_tokens=12)[0]
-    expected_content, expected_calls = assistant_message(split_segments(expected.text, []))
+    expected_content, expected_calls = assistant_message([expected.text])
     assert not expected_calls
 
     client = tiny_server.client()
@@ -318,21 +318,31 @@ def test_openai_messages_to_chatglm3_messages():
         Message("user", "", "hi", False)]
 
 
-@pytest.mark.parametrize("text,boundaries", [
-    ("\nHello there,  friend.\n\n", []),
-    ("\nThought one.\n", []),
-    ("\nThought.getCurrentWeather\n```python\ntool_call(city='Paris')\n```", [9]),
-    ("Sure!\nnot a tool name", []),
-    ("no newline at all", []),
-    ("\nA.\nB.", [3]),
-    ("get_weather\n```python\ntool_call(city=", []),
+@pytest.mark.parametrize("messages", [
+    ["\nHello there,  friend.\n\n"],
+    ["\nThought one.\n"],
+    ["\nThought.", "getCurrentWeather\n```python\ntool_call(city='Paris')\n```"],
+    ["Sure!\nnot a tool name"],
+    ["no newline at all"],
+    ["\nA.", "\nB."],
+    ["get_weather\n```python\ntool_call(city="],
 ])
-def test_streamed_deltas_add_up_to_the_whole_reply(text, boundaries):
+def test_streamed_deltas_add_up_to_the_whole_reply(messages):
+    # one character per token, None for <|assistant|> (decoding drops it, as it drops special tokens)
+    token_ids = [token for i, message in enumerate(messages) for token in ([None] if i else []) + list(message)]
+
+    def decode(ids):
+        return "".join(token for token in ids if token is not None)
+
+    text = decode(token_ids)
     reply, deltas = StreamedReply(), []
-    for end in range(1, len(text) + 1):
-        deltas += reply.update(text[:end], boundaries)
-    deltas += reply.update(text, boundaries, final=True)
-    content, calls = assistant_message(split_segments(text, boundaries))
+    for end in range(1, len(token_ids) + 1):
+        shown = decode(token_ids[:end])[:-1]  # streaming holds the last character back
+        deltas += reply.update(split_reply(token_ids[:end], shown, None, decode))
+    segments = split_reply(token_ids, text, None, decode)
+    assert segments == messages
+    deltas += reply.update(segments, final=True)
+    content, calls = assistant_message(segments)
     assert "".join(d.get("content", "") for d in deltas) == content
     streamed_calls = [c["function"] for d in deltas for c in d.get("tool_calls", [])]
     assert [(c["name"], json.loads(c["arguments"])) for c in streamed_calls] == [(c.name, c.parameters) for c in calls]
