@@ -9,7 +9,9 @@
 
 Chat loop: type a message; `clear` starts over, `exit` or end of input quits. When the model
 calls a tool (or writes interpreter code) the call is shown parsed and you type the observation
-(the tool's or the code's output), which goes back to the model as an observation message.
+(the tool's or the code's output), which goes back to the model as an observation message. A
+reply may hold several assistant messages (ToolAlpaca-style: a thought, then the call): the
+first streams as it is generated, each is kept in the history as its own message.
 
 File mode writes every input record with a `prediction` field to --output: the generated text
 for a prompt/response record; for a conversation a list with one entry per assistant, tool and
@@ -124,29 +126,52 @@ def reply_text(reply: AssistantReply) -> str:
     return shown if shown is not None else reply.content
 
 
-def stream_reply(chat, history: list[Message], options: dict, out) -> AssistantReply:
-    """Streams a plain answer to `out` as it is generated; a call is shown once complete."""
-    from chat_engine import MetadataSplitter
-    from chat_parsing import parse_assistant_reply
+def stream_reply(chat, history: list[Message], options: dict, out):
+    """Generates the next reply (a chat_engine.ChatReply); its first message streams to `out` when it
+    is a plain answer, calls (and any later messages) are shown once complete."""
+    from chat_engine import ChatReply, MetadataSplitter
 
     out.write("Assistant: ")
     out.flush()
-    splitter, pieces = MetadataSplitter(), []
+    splitter, text, first = MetadataSplitter(), "", ""
     with chat.stream(chat.chat_input_ids(history), **options) as stream:
         for piece in stream:
-            pieces.append(piece)
-            shown = splitter.feed(piece)
+            text += piece
+            segment = chat.reply_segments(stream.token_ids, text)[0]  # stops growing once complete
+            shown = splitter.feed(segment[len(first):])
+            first = segment
             if splitter.metadata == "" and shown:
                 out.write(shown)
                 out.flush()
-    reply = parse_assistant_reply("".join(pieces))
-    if splitter.metadata != "":  # a call (or text without a metadata line): nothing was streamed
-        out.write(reply_text(reply))
-    elif reply.error:
-        out.write(f"\n[could not read the call: {reply.error}]")
+        segments = chat.reply_segments(stream.token_ids, stream.text)
+    reply = ChatReply.from_texts(segments, stream.finish_reason or "stop")
+    # from_texts leaves a blank message out: then reply.segments[0] is not the one that streamed
+    streamed = splitter.metadata == "" and bool(segments[0].strip())
+    if streamed and reply.segments[0].error:
+        out.write(f"\n[could not read the call: {reply.segments[0].error}]")
+    rest = [reply_text(message) for message in reply.segments[1 if streamed else 0:]]
+    if rest:
+        out.write(("\n" if streamed else "") + "\n".join(rest))
     out.write("\n")
     out.flush()
     return reply
+
+
+def history_messages(replies: list[AssistantReply]) -> tuple[list[Message], str | None]:
+    """The reply's messages as training renders them, up to its first call, and the prompt for that
+    call's observation (None when the reply holds no call). Messages after a call were written
+    without its observation, so they are dropped."""
+    messages = []
+    for reply in replies:
+        if reply.tool_call is not None:
+            call = reply.tool_call
+            messages.append(Message("assistant", call.name, render_tool_call(call.name, call.parameters), True))
+            return messages, "Observation: "
+        if reply.code is not None:
+            messages.append(Message("assistant", "interpreter", render_interpreter_code(reply.code), True))
+            return messages, "Interpreter output: "
+        messages.append(Message("assistant", reply.metadata, reply.content, True))
+    return messages, None
 
 
 def read_line(prompt: str, stdin, out) -> str | None:
@@ -173,16 +198,9 @@ def chat_loop(chat, start: list[Message], options: dict, stdin=None, out=None) -
             continue
         history.append(Message("user", "", line, False))
         while True:  # the model may call tools (or run code) before it answers
-            reply = stream_reply(chat, history, options, out)
-            if reply.tool_call is not None:
-                call = reply.tool_call
-                history.append(Message("assistant", call.name, render_tool_call(call.name, call.parameters), True))
-                prompt = "Observation: "
-            elif reply.code is not None:
-                history.append(Message("assistant", "interpreter", render_interpreter_code(reply.code), True))
-                prompt = "Interpreter output: "
-            else:
-                history.append(Message("assistant", reply.metadata, reply.content, True))
+            messages, prompt = history_messages(stream_reply(chat, history, options, out).segments)
+            history += messages
+            if prompt is None:
                 break
             observation = read_line(prompt, stdin, out)
             if observation is None:
@@ -193,19 +211,24 @@ def chat_loop(chat, start: list[Message], options: dict, stdin=None, out=None) -
 
 def answer_prompt(chat, start: list[Message], prompt: str, options: dict) -> int:
     reply = chat.reply(start + [Message("user", "", prompt, False)], **options)
-    print(reply_text(reply))
+    print("\n".join(reply_text(segment) for segment in reply.segments))
     return 0
 
 
 # ---- file mode ----------------------------------------------------------------------------------------
 
 def generate_texts(chat, prompts: list[list[int]], batch_size: int, options: dict) -> list[str]:
-    """Generated text per prompt, in batches of similar lengths (less padding), in input order."""
+    """Generated text per prompt, in batches of similar lengths (less padding), in input order.
+    Each text is one message: generation stops at `<|assistant|>` too (see evaluation_stop_token_ids)."""
+    from evaluation import evaluation_stop_token_ids
+
+    stops = evaluation_stop_token_ids(chat.tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     texts: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        for i, completion in zip(batch, chat.generate_completions([prompts[i] for i in batch], **options)):
+        completions = chat.generate_completions([prompts[i] for i in batch], stop_token_ids=stops, **options)
+        for i, completion in zip(batch, completions):
             texts[i] = completion.text
         print(f"generated {min(start + batch_size, len(order))}/{len(order)}", file=sys.stderr, flush=True)
     return texts

@@ -1,5 +1,6 @@
 """chat_engine.py and inference.py on tiny trained checkpoints: batched and streamed generation,
-the chat loop through stdin (tools, interpreter, clear), one prompt, files with metrics, errors."""
+the chat loop through stdin (tools, interpreter, clear), one prompt, files with metrics, errors;
+replies of several assistant messages (a thought, then a tool call) through a scripted model."""
 
 import contextlib
 import io
@@ -11,9 +12,10 @@ from transformers import GlmForCausalLM
 
 import inference
 from chat_engine import ChatModel, MetadataSplitter, load_chat_model
+from chat_parsing import ToolCall, render_tool_call
 from chatglm3_tokenizer import load_tokenizer
 from conftest import shared_path
-from evaluation import build_eval_items
+from evaluation import build_eval_items, evaluation_stop_token_ids
 from metrics import generation_metrics
 from prefix_tuning import PrefixTuningModel
 from preprocess_utils import DataCollatorForChatGLM, Message, encode_multi_turn, encode_prompt_response
@@ -122,6 +124,11 @@ def tools_message() -> Message:
     return inference.system_messages(None, TOOLS)[0]
 
 
+def shown(reply) -> str:
+    """What `inference.py --prompt` prints for a ChatReply."""
+    return "\n".join(inference.reply_text(segment) for segment in reply.segments)
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 
 def prompt_batch(chat):
@@ -181,8 +188,9 @@ def test_reply_parses_the_learned_tool_call_and_interpreter_code(full_chat):
     call = full_chat.reply([tools_message(), user("What is the weather in Paris?")], **GEN)
     assert call.tool_call is not None and (call.tool_call.name, call.tool_call.parameters) == ("get_weather",
                                                                                               {"city": "Paris"})
+    assert len(call.segments) == 1 and call.finish_reason == "stop"
     code = full_chat.reply([user("Add 2 and 3")], **GEN)
-    assert code.metadata == "interpreter" and code.code == "print(2 + 3)"
+    assert code.last.metadata == "interpreter" and code.code == "print(2 + 3)"
 
 
 def test_metadata_splitter_streams_only_the_content():
@@ -220,45 +228,129 @@ def test_chat_loop_through_stdin_with_a_learned_tool_call_and_clear(monkeypatch,
     assert out.count("(conversation cleared)") == 1 and out.rstrip().endswith("User:")
 
 
-class ScriptedStream:
-    """Stands in for ChatModel.stream: replays texts in pieces and records each prompt."""
+class ScriptedModel:
+    """Stands in for the network behind ChatModel: each `generate` call records its prompts and
+    writes the next scripted reply (token ids) for every row, stopping at `eos_token_id` and
+    `max_new_tokens` and feeding the streamer as transformers' generate does."""
 
-    def __init__(self, texts):
-        self.texts, self.prompts = list(texts), []
+    def __init__(self, replies: list[list[int]]):
+        self.replies, self.prompts = list(replies), []
+        self.device = torch.device("cpu")
 
-    def __call__(self, prompt_ids, **options):
-        self.prompts.append(prompt_ids)
-        text = self.texts.pop(0)
-        pieces = iter([text[i:i + 3] for i in range(0, len(text), 3)])
+    def eval(self):
+        return self
 
-        class _Stream:
-            def __iter__(self):
-                return pieces
+    def generate(self, input_ids, attention_mask, streamer=None, max_new_tokens=20, eos_token_id=(), pad_token_id=0,
+                 **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            self.prompts.append([token for token, kept in zip(ids, mask) if kept])
+            new = []
+            for token in self.replies.pop(0)[:max_new_tokens]:
+                new.append(token)
+                if token in eos_token_id:
+                    break
+            rows.append(new)
+        if streamer is not None:
+            streamer.put(input_ids)
+            for token in rows[0]:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        width = max(len(row) for row in rows)
+        padded = torch.tensor([row + [pad_token_id] * (width - len(row)) for row in rows], dtype=torch.long)
+        return torch.cat([input_ids, padded], dim=1)
 
-            def __enter__(self):
-                return self
 
-            def __exit__(self, *exc):
-                pass
+def reply_ids(tokenizer, *messages: tuple[str, str], stop: str = "<|user|>") -> list[int]:
+    """Generated ids: (metadata, text) messages joined by `<|assistant|>`, then the stop token."""
+    ids = []
+    for i, (metadata, text) in enumerate(messages):
+        if i:
+            ids.append(tokenizer.role_token_id("assistant"))
+        ids += tokenizer.encode_text(metadata + "\n") + tokenizer.encode_text(text)
+    return ids + [tokenizer.get_command(stop)]
 
-        return _Stream()
+
+THOUGHT = "I need the weather in Paris."
+CALL_TEXT = render_tool_call("getCurrentWeather", {"city": "Paris"})
+ALPACA_TOOLS = [{"name": "getCurrentWeather", "description": "Weather of a city", "parameters": {"city": "string"}}]
+ALPACA = {"tools": ALPACA_TOOLS, "conversations": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": THOUGHT},
+    {"role": "tool", "name": "getCurrentWeather", "parameters": {"city": "Paris"}, "observation": {"temp_c": 18}},
+    {"role": "assistant", "content": "It is 18 degrees in Paris."},
+]}
 
 
-def test_chat_loop_keeps_the_history_exactly_as_training_renders_it(full_chat):
-    scripted = ScriptedStream([
-        "interpreter\n```python\nprint(1 + 2)\n```",
-        "\nThree.",
-        "get_weather\n```python\ntool_call(city=Paris)\n```",  # malformed: shown and kept as text
+def thought_then_call(tokenizer) -> list[int]:
+    """A ToolAlpaca-trained model's reply: the thought, `<|assistant|>`, the call, `<|observation|>`."""
+    return reply_ids(tokenizer, ("", THOUGHT), ("getCurrentWeather", CALL_TEXT), stop="<|observation|>")
+
+
+def test_reply_with_a_thought_then_a_call_gives_both_messages_parsed(tiny_tokenizer):
+    generated = reply_ids(tiny_tokenizer, ("", "Let me think."), ("name", "```python\ntool_call(a=1)\n```"),
+                          stop="<|observation|>")
+    chat = ChatModel(ScriptedModel([generated]), tiny_tokenizer)
+    reply = chat.reply([user("Go")])
+    assert [(s.metadata, s.content, s.error) for s in reply.segments[:1]] == [("", "Let me think.", None)]
+    assert reply.tool_call == ToolCall("name", {"a": 1}) and reply.last.error is None
+    assert reply.finish_reason == "stop"
+
+
+def test_split_reply_cuts_the_text_where_assistant_tokens_stand(tiny_tokenizer):
+    chat = ChatModel(ScriptedModel([]), tiny_tokenizer)
+    ids = thought_then_call(tiny_tokenizer)[:-1]
+    at = ids.index(chat.assistant_id)
+    thought, call = chat.decode(ids[:at]), chat.decode(ids[at + 1:])
+    text = chat.decode(ids)
+    assert text == thought + call and THOUGHT in thought and call.startswith("getCurrentWeather\n")
+    assert chat.reply_segments(ids, text) == [thought, call]
+    assert chat.reply_segments(ids, text[:len(thought)]) == [thought, ""]  # the second message has begun
+    assert chat.reply_segments(ids, text[:len(thought) - 1]) == [thought[:-1]]  # not reached yet
+    assert chat.reply_segments(ids[:at], thought) == [thought]
+
+
+def test_chat_loop_shows_the_thought_and_the_call_and_keeps_both_messages(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = ScriptedModel([thought_then_call(tok), reply_ids(tok, ("", "It is 18 degrees in Paris."))])
+    chat = ChatModel(model, tok)
+    out = io.StringIO()
+    start = inference.system_messages(None, ALPACA_TOOLS)
+    inference.chat_loop(chat, start, {}, io.StringIO('Weather in Paris?\n{"temp_c": 18}\nexit\n'), out)
+    shown_text = out.getvalue()
+    assert (f'Assistant: {THOUGHT}\n[tool call] getCurrentWeather {{"city": "Paris"}}\nObservation: '
+            f'Assistant: It is 18 degrees in Paris.\n') in shown_text
+    assert "could not read" not in shown_text
+    # the second prompt is the training sequence up to the final answer's <|assistant|>
+    training = encode_multi_turn(tok, ALPACA).input_ids
+    last_assistant = len(training) - 1 - training[::-1].index(chat.assistant_id)
+    assert model.prompts[1] == training[:last_assistant + 1]
+    specials = [tok.token_text(t) for t in model.prompts[1] if t >= tok.num_pieces]
+    assert specials == ["[gMASK]", "sop", "<|system|>", "<|user|>", "<|assistant|>", "<|assistant|>",
+                        "<|observation|>", "<|assistant|>"]
+
+
+def test_prompt_mode_shows_every_message_of_the_reply(tiny_tokenizer, capsys):
+    chat = ChatModel(ScriptedModel([thought_then_call(tiny_tokenizer)]), tiny_tokenizer)
+    inference.answer_prompt(chat, [], "Weather in Paris?", {})
+    assert capsys.readouterr().out == f'{THOUGHT}\n[tool call] getCurrentWeather {{"city": "Paris"}}\n'
+
+
+def test_chat_loop_keeps_the_history_exactly_as_training_renders_it(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = ScriptedModel([
+        reply_ids(tok, ("interpreter", "```python\nprint(1 + 2)\n```"), stop="<|observation|>"),
+        reply_ids(tok, ("", "Three.")),
+        reply_ids(tok, ("get_weather", "```python\ntool_call(city=Paris)\n```")),  # malformed: shown, kept as text
     ])
-    chat = ChatModel(full_chat.model, full_chat.tokenizer)
-    chat.stream = scripted
+    chat = ChatModel(model, tok)
     out = io.StringIO()
     start = [Message("system", "", "Be brief.", False)]
     inference.chat_loop(chat, start, {}, io.StringIO("Add 1 and 2\n3\nAgain\n"), out)
-    shown = out.getvalue()
-    assert "[code interpreter]\nprint(1 + 2)" in shown and "Interpreter output: " in shown
-    assert "Assistant: Three." in shown
-    assert "tool_call(city=Paris)" in shown and "[could not read the call:" in shown
+    shown_text = out.getvalue()
+    assert "[code interpreter]\nprint(1 + 2)" in shown_text and "Interpreter output: " in shown_text
+    assert "Assistant: Three." in shown_text
+    assert "tool_call(city=Paris)" in shown_text and "[could not read the call:" in shown_text
     expected_history = start + [
         user("Add 1 and 2"),
         Message("assistant", "interpreter", "```python\nprint(1 + 2)\n```", True),
@@ -266,7 +358,22 @@ def test_chat_loop_keeps_the_history_exactly_as_training_renders_it(full_chat):
         Message("assistant", "", "Three.", True),
         user("Again"),
     ]
-    assert scripted.prompts[2] == chat.chat_input_ids(expected_history)
+    assert model.prompts[2] == chat.chat_input_ids(expected_history)
+
+
+def test_file_mode_scores_only_the_first_message_of_each_turn(tiny_tokenizer, tmp_path):
+    """Every item gets `thought <|assistant|> call`: generation stops at `<|assistant|>`, so each
+    item's prediction is the thought alone (the call is the next item's job)."""
+    model = ScriptedModel([thought_then_call(tiny_tokenizer)] * 3)
+    chat = ChatModel(model, tiny_tokenizer)
+    output = tmp_path / "alpaca.jsonl"
+    metrics = inference.evaluate_file(chat, "multi-turn", [ALPACA], str(output), 8, 1024, {"max_new_tokens": 64})
+    [row] = [json.loads(line) for line in output.read_text().splitlines()]
+    thought = chat.decode(tiny_tokenizer.encode_text("\n") + tiny_tokenizer.encode_text(THOUGHT))
+    assert [(p["turn"], p["text"], p["content"], p["error"]) for p in row["prediction"]] == [
+        (turn, thought, THOUGHT, None) for turn in (1, 2, 3)]
+    assert metrics["num_plain_turns"] == 2 and metrics["num_expected_calls"] == 1
+    assert metrics["tool_name_accuracy"] == 0.0  # the tool turn answered with the thought
 
 
 # ---- one prompt and the reference's invocation styles --------------------------------------------
@@ -282,7 +389,7 @@ def test_prompt_mode_with_tools_and_both_reference_styles(monkeypatch, capsys, t
     code, out, _ = run_cli(monkeypatch, capsys, ["--pt-checkpoint", pt_checkpoint, "--model", tiny_model_dir,
                                                  "--prompt", "Hello", "--max-new-tokens", "24"])
     assert code == 0
-    assert out.strip() == pt_chat.reply([user("Hello")], **GEN).content
+    assert out.strip() == shown(pt_chat.reply([user("Hello")], **GEN))
     # the prefix folder names its base model
     for argv in (["--model", pt_checkpoint], ["--pt-checkpoint", pt_checkpoint]):
         code, again, _ = run_cli(monkeypatch, capsys, argv + ["--prompt", "Hello", "--max-new-tokens", "24"])
@@ -304,7 +411,8 @@ def test_file_mode_prompt_response_predictions_and_metrics(monkeypatch, capsys, 
     assert [{k: v for k, v in r.items() if k != "prediction"} for r in rows] == [dict(r, id=i)
                                                                                 for i, r in enumerate(PROMPTS)]
     # batches of 2 (sorted by length) give what each prompt gives alone
-    alone = [pt_chat.decode(pt_chat.generate([p], **GEN)[0]) for p in prompt_batch(pt_chat)[:3]]
+    stops = evaluation_stop_token_ids(pt_chat.tokenizer)
+    alone = [pt_chat.decode(pt_chat.generate([p], stop_token_ids=stops, **GEN)[0]) for p in prompt_batch(pt_chat)[:3]]
     assert [r["prediction"] for r in rows] == alone
     metrics = json.loads((tmp_path / "out" / "predictions.jsonl.metrics.json").read_text())
     assert metrics == {**generation_metrics(alone, [r["response"] for r in PROMPTS]), "num_predictions": 3}
@@ -322,7 +430,8 @@ def test_file_mode_prompt_cap_matches_training(monkeypatch, capsys, tmp_path, ti
                                          "--max-new-tokens", "24"])[0] == 0
     capped = [item.prompt_ids for item in build_eval_items(pt_chat.tokenizer, PROMPTS, "input-output", 4)]
     assert {len(p) for p in capped} == {4}
-    expected = [pt_chat.decode(ids) for ids in pt_chat.generate(capped, **GEN)]
+    stops = evaluation_stop_token_ids(pt_chat.tokenizer)
+    expected = [pt_chat.decode(ids) for ids in pt_chat.generate(capped, stop_token_ids=stops, **GEN)]
     assert [json.loads(line)["prediction"] for line in output.read_text().splitlines()] == expected
 
 
@@ -403,7 +512,7 @@ def test_a_lora_adapter_loads_merged_and_generates_like_the_peft_model(tiny_mode
     # the adapter folder alone names its base model
     code, out, _ = run_cli(monkeypatch, capsys, ["--model", str(tmp_path / "adapter"), "--prompt", "Hello",
                                                  "--max-new-tokens", "24"])
-    assert code == 0 and out.strip() == in_memory.reply([user("Hello")], **GEN).content
+    assert code == 0 and out.strip() == shown(in_memory.reply([user("Hello")], **GEN))
 
 
 def test_an_original_format_ptuning_checkpoint_reproduces_the_original_model(tmp_path):
