@@ -9,6 +9,8 @@ Shared by `inference.py --input/--output` and by training with `--predict_with_g
   Plain assistant turns are scored with ROUGE/BLEU (on the parsed reply's content); tool turns
   and plain turns together with the tool-call metrics (a tool call expected, or none);
   interpreter turns by whether the reply is interpreter code and whether that code is exact.
+- Generation stops at `<|assistant|>` too (`evaluation_stop_token_ids`): each item scores one
+  message, the first the model writes.
 """
 
 from __future__ import annotations
@@ -91,10 +93,23 @@ def build_eval_items(tokenizer, records: list[dict], train_format: str,
 
 # ---- generated ids -> text ----------------------------------------------------------------------
 
+def evaluation_stop_token_ids(tokenizer) -> list[int]:
+    """The chat stop tokens (eos, `<|user|>`, `<|observation|>`) and `<|assistant|>`.
+
+    An item stands for ONE turn, prompted with the true conversation before it. A model trained on
+    ToolAlpaca-style data ends its thought with `<|assistant|>` and goes on with the tool call as a
+    second message; that call is the next item, prompted with the reference thought. Decoding drops
+    special tokens, so without this stop the two messages would be scored and parsed as one text
+    (the thought's ROUGE spoiled by the call, the call lost as "without a tool name").
+    """
+    return list(tokenizer.stop_token_ids) + [tokenizer.role_token_id("assistant")]
+
+
 def decode_generated(tokenizer, token_ids) -> str:
-    """Text of generated ids: cut at the first stop token, -100 padding and special tokens dropped."""
+    """Text of generated ids: cut at the first evaluation stop token (`<|assistant|>` included),
+    -100 padding and special tokens dropped."""
     text_ids = []
-    stops = set(tokenizer.stop_token_ids)
+    stops = set(evaluation_stop_token_ids(tokenizer))
     for token in token_ids:
         token = int(token)
         if token in stops:
@@ -191,11 +206,12 @@ def needs_synced_gpus() -> bool:
 
 def generate_new_tokens(model, inputs: dict, tokenizer, generate_kwargs: dict):
     """The new tokens [batch, new] of a left-padded prompt batch (works for a PrefixTuningModel,
-    which builds its own prefix cache, and for plain or peft models); stops on the stop tokens."""
+    which builds its own prefix cache, and for plain or peft models); stops on the evaluation stop
+    tokens (`<|assistant|>` included)."""
     options = {key: value for key, value in generate_kwargs.items() if value is not None}
     if "max_new_tokens" not in options and "max_length" not in options:
         options["max_new_tokens"] = DEFAULT_EVAL_MAX_NEW_TOKENS
-    options.setdefault("eos_token_id", list(tokenizer.stop_token_ids))
+    options.setdefault("eos_token_id", evaluation_stop_token_ids(tokenizer))
     options.setdefault("pad_token_id", tokenizer.pad_token_id)
     options.setdefault("do_sample", False)
     options.setdefault("synced_gpus", needs_synced_gpus())
@@ -269,6 +285,6 @@ class GenerationEval:
         return path
 
 
-__all__ = ["EvalItem", "GENERATION_METRICS", "build_eval_items", "read_eval_records", "decode_generated",
-           "score_items", "prediction_rows", "write_jsonl", "GenerationCollator", "GenerationEval",
+__all__ = ["EvalItem", "GENERATION_METRICS", "build_eval_items", "read_eval_records", "evaluation_stop_token_ids",
+           "decode_generated", "score_items", "prediction_rows", "write_jsonl", "GenerationCollator", "GenerationEval",
            "generate_new_tokens", "needs_synced_gpus"]

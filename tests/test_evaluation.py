@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from transformers import EvalPrediction
 
 from chat_parsing import ToolCall
 from conftest import ROOT
-from evaluation import (GenerationCollator, GenerationEval, build_eval_items, decode_generated, prediction_rows,
-                        score_items)
+from evaluation import (GenerationCollator, GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
+                        prediction_rows, score_items)
 from preprocess_utils import IGNORE_INDEX, encode_multi_turn, encode_prompt_response
 
 TOOLS = [{"name": "get_weather", "description": "Get the weather of a city", "parameters": {"city": "string"}}]
@@ -66,6 +67,47 @@ def test_decode_generated_cuts_at_the_first_stop_token_and_drops_padding(tiny_to
     assert decode_generated(tiny_tokenizer, hello + [user] + tiny_tokenizer.encode_text("more")) == "Hello"
     assert decode_generated(tiny_tokenizer, np.array(hello + [2, IGNORE_INDEX, IGNORE_INDEX])) == "Hello"
     assert decode_generated(tiny_tokenizer, hello + [IGNORE_INDEX]) == "Hello"
+
+
+def thought_then_call(tokenizer) -> tuple[list[int], list[int]]:
+    """(the thought's ids, the whole reply of a ToolAlpaca-trained model: the thought,
+    `<|assistant|>`, the tool call, `<|observation|>`)."""
+    thought = tokenizer.encode_text("\n") + tokenizer.encode_text("I will look it up.")
+    call = tokenizer.encode_text("get_weather\n") + tokenizer.encode_text("```python\ntool_call(city='Paris')\n```")
+    reply = thought + [tokenizer.role_token_id("assistant")] + call + [tokenizer.get_command("<|observation|>")]
+    return thought, reply
+
+
+def test_decode_generated_keeps_only_the_first_assistant_message(tiny_tokenizer):
+    thought, reply = thought_then_call(tiny_tokenizer)
+    text = decode_generated(tiny_tokenizer, reply)
+    assert text == tiny_tokenizer.decode(thought) and "get_weather" not in text
+    metrics = score_items(build_eval_items(tiny_tokenizer, [TOOL_RECORD], "multi-turn")[:1], [text])
+    assert metrics["rouge-l"] == 100.0 and metrics["num_unexpected_calls"] == 0
+
+
+class ScriptedGenerate:
+    """A model whose `generate` writes `reply` after each prompt, stopping at `eos_token_id` and padding
+    finished rows, as transformers' generate does."""
+
+    def __init__(self, reply: list[int]):
+        self.reply = reply
+
+    def generate(self, input_ids, attention_mask=None, eos_token_id=(), pad_token_id=0, max_new_tokens=20, **kwargs):
+        new = []
+        for token in self.reply[:max_new_tokens]:
+            new.append(token)
+            if token in eos_token_id:
+                break
+        rows = torch.tensor([new] * input_ids.shape[0], dtype=torch.long)
+        return torch.cat([input_ids, rows], dim=1)
+
+
+def test_evaluation_generation_stops_at_a_new_assistant_message(tiny_tokenizer):
+    thought, reply = thought_then_call(tiny_tokenizer)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    new_tokens = generate_new_tokens(ScriptedGenerate(reply), inputs, tiny_tokenizer, {"max_new_tokens": 64})
+    assert new_tokens[0].tolist() == thought + [tiny_tokenizer.role_token_id("assistant")]
 
 
 # ---- scoring -----------------------------------------------------------------------------------
