@@ -39,7 +39,7 @@ if [ "$USE_CPU" = 1 ]; then
     DEVICE_ARGS+=(--use_cpu)
     [ "$PRECISION" = auto ] && PRECISION=fp32
 elif [ "$PRECISION" = auto ]; then
-    PRECISION=$(python -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
+    PRECISION=$(python3 -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
 fi
 case "$PRECISION" in
     bf16) DEVICE_ARGS+=(--bf16) ;;
