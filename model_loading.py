@@ -11,6 +11,8 @@ import os
 import torch
 
 logger = logging.getLogger(__name__)
+# bitsandbytes (imported by peft) warns at import, on every CPU run, about an optional kernel download.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
