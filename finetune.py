@@ -74,8 +74,7 @@ def load_split(path, max_samples, tokenizer, data_args, training_args, descripti
             overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
     logger.info("%s data %s: %s", description, path, report.summary())
     if len(dataset) == 0:
-        raise DataError(f"{path}: no records left after --truncation_policy drop ({report.summary()}); "
-                        f"raise the length caps")
+        raise DataError(f"{path}: no records left to use ({report.summary()}); raise the length caps")
     return dataset.select_columns(["input_ids", "labels"]), report
 
 
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
-        metrics = dict(result.metrics, train_records=splits["train"][1].records - splits["train"][1].dropped,
+        metrics = dict(result.metrics, train_records=splits["train"][1].kept,
                        train_supervised_tokens=splits["train"][1].targets)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

@@ -348,7 +348,12 @@ class TruncationReport:
     truncated: int = 0
     lost_targets: int = 0
     lost_stop: int = 0
+    no_targets_left: int = 0  # records whose every target a cap removed (always left out)
     dropped: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.records - (self.dropped or self.no_targets_left)
 
     def summary(self) -> str:
         text = (f"{self.records} records, {self.tokens} tokens, {self.targets} supervised tokens, "
@@ -356,6 +361,8 @@ class TruncationReport:
                 f"{self.lost_stop} lost the final stop target)")
         if self.dropped:
             text += f", {self.dropped} dropped by --truncation_policy drop"
+        elif self.no_targets_left:
+            text += f", {self.no_targets_left} left out because no supervised target was left"
         return text
 
 
@@ -421,6 +428,9 @@ def tokenize_records(tokenizer, records: list[tuple[str, dict]], train_format: s
     if report.lost_targets and truncation_policy == "drop":
         dataset = dataset.filter(lambda lost: not lost, input_columns="lost_targets")
         report.dropped = report.lost_targets
+    elif report.no_targets_left:
+        # Truncation took every target of these records: they would only cost compute.
+        dataset = dataset.filter(lambda targets: targets > 0, input_columns="num_targets")
     return dataset, report
 
 
@@ -431,6 +441,7 @@ def _truncation_report(dataset) -> TruncationReport:
         records=len(dataset), tokens=sum(lengths), targets=sum(columns["num_targets"]),
         truncated=sum(columns["truncated"]), lost_targets=sum(columns["lost_targets"]),
         lost_stop=sum(columns["lost_stop"]),
+        no_targets_left=sum(targets == 0 for targets in columns["num_targets"]),
     )
 
 

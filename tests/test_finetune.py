@@ -154,7 +154,7 @@ def test_nothing_left_to_train_is_an_error(tiny_model_dir, formatted_samples, tm
     args[args.index("--max_seq_length") + 1] = "16"
     result = run_finetune(*args, check=False)
     assert result.returncode == 2
-    assert "no records left" in result.stderr and "Traceback" not in result.stderr
+    assert "no records left to use" in result.stderr and "Traceback" not in result.stderr
 
 
 def first_losses(output_dir):

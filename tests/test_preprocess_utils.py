@@ -383,3 +383,11 @@ def test_preview_function_rejects_bad_index(tmp_path, tiny_tokenizer):
     path = write(tmp_path, "d.jsonl", jsonl(GOOD))
     with pytest.raises(DataError, match="--index 3 is out of range"):
         preview(tiny_tokenizer, path, MULTI_TURN, LengthLimits(), index=3)
+
+
+def test_records_left_without_targets_are_left_out_and_counted(tiny_tokenizer):
+    long_prompt = {"conversations": [{"role": "user", "content": "word " * 60}, A]}
+    records = [("d:1", GOOD), ("d:2", long_prompt)]
+    dataset, report = tokenize_records(tiny_tokenizer, records, MULTI_TURN, LengthLimits(max_seq_length=20))
+    assert len(dataset) == 1 and report.no_targets_left == 1 and report.kept == 1
+    assert "1 left out because no supervised target was left" in report.summary()
