@@ -4,17 +4,16 @@
 #   bash scripts/demo.sh                  # SKIP_SETUP=1 to reuse an existing .venv
 #
 # 1. scripts/setup.sh: .venv with the pinned requirements (skipped with SKIP_SETUP=1);
-# 2. a tiny random GLM model with the ChatGLM3 layout and tokenizer (models/tiny-chatglm3-random);
+# 2. scripts/make_tiny_model.py: a tiny GLM model with the ChatGLM3 layout and tokenizer,
+#    briefly pretrained on the samples' plain texts (models/tiny-chatglm3): on random weights a
+#    prefix cannot lower the loss, the logits stay near uniform;
 # 3. the bundled samples (data/sample) through both converters into formatted_data/;
-# 4. a few seconds of full fine-tuning of that model on the samples' plain texts, into
-#    models/tiny-chatglm3: a random model has no language a prefix could steer, so P-Tuning
-#    alone barely moves its loss (6.45 -> 6.37 in 150 steps); after this its loss falls clearly;
-# 5. P-Tuning v2 (with the prefix MLP, --prefix_projection) on the CPU through
+# 4. P-Tuning v2 (with the prefix MLP, --prefix_projection) on the CPU through
 #    scripts/finetune_pt_multiturn.sh into output/demo (sanity check, progress bar,
 #    output/demo/train.log, loss_curve.png);
-# 6. one answer from the tuned model through inference.py, which reads the prefix settings from
+# 5. one answer from the tuned model through inference.py, which reads the prefix settings from
 #    the checkpoint (no flags).
-# Steps 2-6 take about two minutes on two cores. DEMO_STEPS changes the P-Tuning step count.
+# Steps 2-5 take about two minutes on two cores. DEMO_STEPS changes the P-Tuning step count.
 set -eo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,40 +28,18 @@ if [ -f .venv/bin/activate ]; then
 fi
 # The tiny model is fastest on one thread; more threads only contend.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-RANDOM_MODEL=models/tiny-chatglm3-random
 MODEL=models/tiny-chatglm3
 OUTPUT_DIR=output/demo
 
-step "Building a tiny random ChatGLM3-layout model ($RANDOM_MODEL)"
-python scripts/make_tiny_model.py --output "$RANDOM_MODEL"
+step "Building the tiny ChatGLM3-layout model ($MODEL)"
+python scripts/make_tiny_model.py --output "$MODEL"
 
 step "Formatting the bundled samples (data/sample -> formatted_data/)"
 python scripts/format_tool_alpaca.py --path data/sample/tool_alpaca_train.json
 python scripts/format_advertise_gen.py --path data/sample/advertise_gen_train.json
 
-step "Teaching the tiny model the samples' plain texts (full fine-tuning, a few seconds -> $MODEL)"
-python -c '
-import json, sys
-sys.path[:0] = ["scripts"]
-from make_tiny_model import sample_texts
-with open("formatted_data/sample_texts.jsonl", "w", encoding="utf-8") as f:
-    for text in sample_texts():
-        f.write(json.dumps({"prompt": "", "response": text}, ensure_ascii=False) + "\n")
-'
-rm -rf "$MODEL" "$OUTPUT_DIR"
-mkdir -p output
-python finetune.py --model_name_or_path "$RANDOM_MODEL" --train_format input-output \
-    --train_file formatted_data/sample_texts.jsonl --max_target_length 512 --do_train \
-    --output_dir "$MODEL" --max_steps 200 --per_device_train_batch_size 4 --learning_rate 3e-3 \
-    --logging_steps 10 --save_strategy no --use_cpu --report_to none --disable_tqdm true \
-    > output/demo-pretrain.log 2>&1 || { tail -30 output/demo-pretrain.log; exit 1; }
-python -c '
-import json, sys
-losses = [e["loss"] for e in json.load(open(sys.argv[1]))["log_history"] if "loss" in e]
-print(f"language-model loss {losses[0]:.2f} -> {losses[-1]:.2f} (log: output/demo-pretrain.log)")
-' "$MODEL/trainer_state.json"
-
 step "P-Tuning v2 on the tool conversations, on the CPU (scripts/finetune_pt_multiturn.sh -> $OUTPUT_DIR)"
+rm -rf "$OUTPUT_DIR"  # a rerun starts over rather than resuming a finished run
 USE_CPU=1 NUM_GPUS=1 BASE_MODEL_PATH="$MODEL" DATASET_PATH=formatted_data/tool_alpaca.jsonl \
     MAX_STEP=${DEMO_STEPS:-150} PRE_SEQ_LEN=16 LR=2e-2 MAX_SEQ_LEN=1024 DEV_BATCH_SIZE=4 \
     GRAD_ACCUMULARION_STEPS=1 SAVE_INTERVAL=1000000 OUTPUT_DIR="$OUTPUT_DIR" \
