@@ -11,7 +11,8 @@
 # project root. BASE_MODEL_PATH is a local folder (nothing is downloaded): a ChatGLM3-6B converted
 # with scripts/convert_chatglm3.py, or models/tiny-chatglm3 from scripts/make_tiny_model.py.
 # OUTPUT_DIR defaults to a fresh timestamped folder; to RESUME an interrupted run, rerun with
-# OUTPUT_DIR set to its folder: finetune.py continues from the newest checkpoint there.
+# OUTPUT_DIR set to its folder: finetune.py continues from the newest checkpoint there (and
+# train.log is appended to). EXTRA_ARGS is split like shell words, quotes included.
 # DS_CONFIG: configs/ds_zero2.json (default), ds_zero3.json (the saved model is consolidated),
 # ds_zero3_offload.json (parameters and optimizer states in CPU memory).
 # HOSTFILE (multi-node, DeepSpeed's "host slots=N" lines), MASTER_ADDR, MASTER_PORT go to the launcher.

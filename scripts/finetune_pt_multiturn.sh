@@ -10,7 +10,8 @@
 # project root. BASE_MODEL_PATH is a local folder (nothing is downloaded): a ChatGLM3-6B converted
 # with scripts/convert_chatglm3.py, or models/tiny-chatglm3 from scripts/make_tiny_model.py.
 # OUTPUT_DIR defaults to a fresh timestamped folder; to RESUME an interrupted run, rerun with
-# OUTPUT_DIR set to its folder: finetune.py continues from the newest checkpoint there.
+# OUTPUT_DIR set to its folder: finetune.py continues from the newest checkpoint there (and
+# train.log is appended to). EXTRA_ARGS is split like shell words, quotes included.
 # USE_CPU=1 trains on the CPU (no GPU needed); PRECISION=bf16|fp16|fp32 (default: bf16 where the
 # GPU supports it, else fp16; fp32 on the CPU); DRY_RUN=1 prints the command instead of running it.
 set -eo pipefail
