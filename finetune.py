@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset = pack_dataset(train_dataset, data_args)
 
     resume_from = resume_checkpoint(training_args) if training_args.do_train else None
+    if training_args.deepspeed and training_args.world_size > 1:
+        start_deepspeed_comm()
     try:
         model = load_for_training(model_args, training_args)
     except ModelLoadError as e:
@@ -204,6 +206,15 @@ def main(argv: list[str] | None = None) -> None:
                                                 os.path.join(training_args.output_dir, "generated_predictions.jsonl"))
             logger.info("Generated predictions: %s", path)
     finish_distributed()
+
+
+def start_deepspeed_comm() -> None:
+    """With --use_cpu accelerate starts torch.distributed but not DeepSpeed's own comm layer, and
+    ZeRO-3's model loading (zero.Init) would then see a world of one process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
 
 
 def finish_distributed() -> None:

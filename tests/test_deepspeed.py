@@ -17,12 +17,6 @@ from test_launchers import SAMPLES, run_launcher
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json")
 STEPS = 4
-# finetune.py loads the model under ZeRO-3 (deepspeed.zero.Init) before deepspeed.comm is set up;
-# with --use_cpu accelerate starts torch.distributed only, so zero.Init sees world size 1 and
-# asserts on the batch size. Remove this mark once finetune.py calls deepspeed.init_distributed first.
-ZERO3_RANKS_ON_CPU = pytest.mark.xfail(
-    reason="finetune.py: multi-rank ZeRO-3 with --use_cpu fails in zero.Init (deepspeed.comm not initialized)",
-    strict=False)
 
 
 def all_values(tree):
@@ -145,7 +139,6 @@ def test_ptuning_under_zero2_trains_the_prefix_alone(pt_zero2, tiny_model_dir):
 
 
 @pytest.mark.slow
-@ZERO3_RANKS_ON_CPU
 def test_two_zero3_ranks_log_the_losses_of_one_process(pt_zero2, pt_zero3_two_ranks):
     assert logged_losses(pt_zero3_two_ranks) == pytest.approx(logged_losses(pt_zero2), abs=1e-4)
 
@@ -156,7 +149,6 @@ def test_two_ddp_ranks_log_the_losses_of_one_process(pt_zero2, pt_ddp_two_ranks)
 
 
 @pytest.mark.slow
-@ZERO3_RANKS_ON_CPU
 def test_ptuning_under_zero3_saves_a_prefix_that_reloads(pt_zero3_two_ranks, pt_zero2, tiny_model_dir):
     import torch
     from safetensors.torch import load_file
