@@ -20,6 +20,7 @@
 # GPU supports it, else fp16; fp32 on the CPU); DRY_RUN=1 prints the command instead of running it.
 set -eo pipefail
 cd "$(dirname "$0")/.."
+source scripts/launcher_common.sh
 
 USE_CPU=${USE_CPU:-0}
 [ "$USE_CPU" = 1 ] && NUM_GPUS=${NUM_GPUS:-1}
@@ -38,25 +39,9 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/${RUN_NAME}-${DATESTR}-${LR}}
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}
 PRECISION=${PRECISION:-auto}
 
-DEVICE_ARGS=()
-if [ "$USE_CPU" = 1 ]; then
-    export DS_ACCELERATOR=cpu
-    DEVICE_ARGS+=(--use_cpu)
-    [ "$PRECISION" = auto ] && PRECISION=fp32
-elif [ "$PRECISION" = auto ]; then
-    PRECISION=$(python3 -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
-fi
-case "$PRECISION" in
-    bf16) DEVICE_ARGS+=(--bf16) ;;
-    fp16) DEVICE_ARGS+=(--fp16) ;;
-    fp32) ;;
-    *) echo "PRECISION must be bf16, fp16, fp32 or auto, got '$PRECISION'" >&2; exit 2 ;;
-esac
-LAUNCHER_ARGS=(--num_gpus="$NUM_GPUS")
-[ -n "${HOSTFILE:-}" ] && LAUNCHER_ARGS+=(--hostfile "$HOSTFILE")
-[ -n "${MASTER_ADDR:-}" ] && LAUNCHER_ARGS+=(--master_addr "$MASTER_ADDR")
-[ -n "${MASTER_PORT:-}" ] && LAUNCHER_ARGS+=(--master_port "$MASTER_PORT")
-eval "EXTRA=(${EXTRA_ARGS:-})"
+set_device_args
+set_deepspeed_launcher_args
+set_extra_args
 
 CMD=(deepspeed "${LAUNCHER_ARGS[@]}" finetune.py
     --deepspeed "$DS_CONFIG"
@@ -76,7 +61,4 @@ CMD=(deepspeed "${LAUNCHER_ARGS[@]}" finetune.py
     --gradient_checkpointing
     "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
 
-echo "+ $(printf "%q " "${CMD[@]}")"
-[ "${DRY_RUN:-0}" = 1 ] && exit 0
-mkdir -p "$OUTPUT_DIR"
-"${CMD[@]}" 2>&1 | tee -a "$OUTPUT_DIR/train.log"
+launch "$OUTPUT_DIR" "${CMD[@]}"

@@ -17,8 +17,9 @@
 # model with `python scripts/merge_lora.py --adapter OUTPUT_DIR --output MERGED`.
 # USE_CPU=1 trains on the CPU (no GPU needed); PRECISION=bf16|fp16|fp32 (default: bf16 where the
 # GPU supports it, else fp16; fp32 on the CPU); DRY_RUN=1 prints the command instead of running it.
-set -exo pipefail
+set -eo pipefail
 cd "$(dirname "$0")/.."
+source scripts/launcher_common.sh
 
 FORMAT=${FORMAT:-input-output}
 USE_CPU=${USE_CPU:-0}
@@ -53,23 +54,10 @@ esac
 DATESTR=${DATESTR:-$(date +%Y%m%d-%H%M%S)}
 OUTPUT_DIR=${OUTPUT_DIR:-output/${RUN_NAME}-${DATESTR}-r${LORA_RANK}-${LR}}
 
-DEVICE_ARGS=()
-if [ "$USE_CPU" = 1 ]; then
-    export DS_ACCELERATOR=cpu
-    DEVICE_ARGS+=(--use_cpu)
-    [ "$PRECISION" = auto ] && PRECISION=fp32
-elif [ "$PRECISION" = auto ]; then
-    PRECISION=$(python -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
-fi
-case "$PRECISION" in
-    bf16) DEVICE_ARGS+=(--bf16) ;;
-    fp16) DEVICE_ARGS+=(--fp16) ;;
-    fp32) ;;
-    *) echo "PRECISION must be bf16, fp16, fp32 or auto, got '$PRECISION'" >&2; exit 2 ;;
-esac
+set_device_args
 QUANT_ARGS=()
 [ -n "$QUANTIZATION_BIT" ] && QUANT_ARGS+=(--quantization_bit "$QUANTIZATION_BIT")
-eval "EXTRA=(${EXTRA_ARGS:-})"
+set_extra_args
 
 CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
     --do_train
@@ -92,10 +80,11 @@ CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
     --gradient_checkpointing
     "${QUANT_ARGS[@]}" "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
 
+# Unlike the other launchers, DRY_RUN=1 prints the bare command on stdout (ready to paste, or to
+# split: tests/test_lora.py reruns it), and a real run prints it once on stderr, where set -x used to.
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "${CMD[@]}"
-    echo
+    echo "$(shell_quoted "${CMD[@]}")"
     exit 0
 fi
-mkdir -p "$OUTPUT_DIR"
-"${CMD[@]}" 2>&1 | tee -a "$OUTPUT_DIR/train.log"
+echo "+ $(shell_quoted "${CMD[@]}")" >&2
+run_logged "$OUTPUT_DIR" "${CMD[@]}"

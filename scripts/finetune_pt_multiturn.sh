@@ -4,7 +4,9 @@
 #   bash scripts/finetune_pt_multiturn.sh
 #   NUM_GPUS=2 LR=1e-2 PRE_SEQ_LEN=64 bash scripts/finetune_pt_multiturn.sh
 #   USE_CPU=1 BASE_MODEL_PATH=models/tiny-chatglm3 MAX_STEP=20 bash scripts/finetune_pt_multiturn.sh
-#   bash scripts/finetune_pt_multiturn.sh --lora_rank 8      # extra finetune.py flags (or EXTRA_ARGS=...)
+#   bash scripts/finetune_pt_multiturn.sh --prefix_projection  # extra finetune.py flags (or EXTRA_ARGS=...)
+#
+# LoRA is scripts/finetune_lora.sh (finetune.py refuses --lora_rank together with --pre_seq_len).
 #
 # Every variable below can be set from the environment. Relative paths are relative to the
 # project root. BASE_MODEL_PATH is a local folder (nothing is downloaded): a ChatGLM3-6B converted
@@ -16,6 +18,7 @@
 # GPU supports it, else fp16; fp32 on the CPU); DRY_RUN=1 prints the command instead of running it.
 set -eo pipefail
 cd "$(dirname "$0")/.."
+source scripts/launcher_common.sh
 
 USE_CPU=${USE_CPU:-0}
 NUM_GPUS=${NUM_GPUS:-1}
@@ -33,21 +36,8 @@ DATESTR=${DATESTR:-$(date +%Y%m%d-%H%M%S)}
 OUTPUT_DIR=${OUTPUT_DIR:-output/${RUN_NAME}-${DATESTR}-${PRE_SEQ_LEN}-${LR}}
 PRECISION=${PRECISION:-auto}
 
-DEVICE_ARGS=()
-if [ "$USE_CPU" = 1 ]; then
-    export DS_ACCELERATOR=cpu
-    DEVICE_ARGS+=(--use_cpu)
-    [ "$PRECISION" = auto ] && PRECISION=fp32
-elif [ "$PRECISION" = auto ]; then
-    PRECISION=$(python3 -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
-fi
-case "$PRECISION" in
-    bf16) DEVICE_ARGS+=(--bf16) ;;
-    fp16) DEVICE_ARGS+=(--fp16) ;;
-    fp32) ;;
-    *) echo "PRECISION must be bf16, fp16, fp32 or auto, got '$PRECISION'" >&2; exit 2 ;;
-esac
-eval "EXTRA=(${EXTRA_ARGS:-})"
+set_device_args
+set_extra_args
 
 CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
     --do_train
@@ -67,7 +57,4 @@ CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
     --gradient_checkpointing
     "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
 
-echo "+ $(printf "%q " "${CMD[@]}")"
-[ "${DRY_RUN:-0}" = 1 ] && exit 0
-mkdir -p "$OUTPUT_DIR"
-"${CMD[@]}" 2>&1 | tee -a "$OUTPUT_DIR/train.log"
+launch "$OUTPUT_DIR" "${CMD[@]}"
