@@ -149,7 +149,18 @@ def test_mask_must_cover_the_tokens_only():
     with pytest.raises(ValueError, match="prefix positions are added here"):
         model(ids, attention_mask=torch.ones(1, 5 + model.pre_seq_len, dtype=torch.long))
     with pytest.raises(ValueError, match="4D attention_mask must cover"):
-        model(ids, attention_mask=torch.zeros(1, 1, 5, 5))
+        model(ids, attention_mask=torch.zeros(1, 1, 5, 7))
+
+
+def test_a_4d_mask_of_the_tokens_gets_the_prefix_columns_visible():
+    model = tiny_prefix_model().eval()
+    ids = random_ids(1, 5)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(model(ids, attention_mask=causal).logits, expected)
+        additive = torch.zeros(1, 1, 5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
+        torch.testing.assert_close(model(ids, attention_mask=additive).logits, expected)
 
 
 def test_bf16_base_keeps_an_fp32_prefix():
