@@ -32,9 +32,9 @@ Models, random weights, built in code with ChatGLM3's block design and its 65,02
 A folder path instead loads that model (e.g. a converted ChatGLM3-6B on a GPU).
 
 Counted per timed step: real tokens (non-padding), supervised tokens (labels[1:] != -100, what
-the loss trains on), padding fraction = padding / (rows x padded length).
-Model FLOPs of a batch (the useful work; MFU = these per second / the matmul peak measured in the
-child, just before training, with a square matmul in the training dtype and thread count):
+the loss trains on), padding fraction = padding / (rows x padded length), and where the time went
+(data, forward_backward with clipping, optimizer, zero_grad: TrainerCallback hooks).
+Model FLOPs of a batch (the useful work):
   linear layers   k x N_body x real tokens        N_body: parameters outside the embedding and
                                                   output layer; k = 6 (forward 2, input grads 2,
                                                   weight grads 2) for full fine-tuning, 4 for
@@ -47,9 +47,19 @@ child, just before training, with a square matmul in the training dtype and thre
   output layer    k x hidden x vocab x positions  positions = supervised tokens with the loss on
                                                   targets only, all real tokens with full logits
                                                   (the reference really computes them)
+MFU = model FLOPs per second / the matmul peak: a square matmul (2048 on the CPU, 8192 on a GPU)
+in the training dtype and thread count, timed in the child before and after training (the faster
+counts: on a shared machine either may be slowed). "MFU cpu" divides FLOPs per CPU-second of the
+training by FLOPs per CPU-second of the matmul: what MFU would be without other processes.
 HFU (hardware FLOPs utilisation) counts the same formula over every position of every padded row
 (padding included, attention per row as one causal sequence): the work done, useful or not.
 Peak memory: the child's peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU.
+
+Defaults: full fine-tuning (every weight trained, so the output layer's work and its saving count
+in full; --method ptuning measures P-Tuning v2 with pre_seq_len 128), no gradient checkpointing
+(the reference launchers use it; its recomputation is not model FLOPs, --gradient-checkpointing
+adds it to every mode alike), batch 4 (the reference's DEV_BATCH_SIZE), 4 timed steps after 1
+warm-up: a few minutes per data set on 2 idle CPU cores (the reference mode at 2048 takes half).
 """
 
 from __future__ import annotations
@@ -253,7 +263,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.child:
-        return run_mode(json.loads(Path(args.child).read_text()))
+        return [run_mode(json.loads(Path(args.child).read_text()))]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not TOKENIZER_DIR.is_dir():
         sys.exit(f"{TOKENIZER_DIR} is absent: this benchmark needs the real ChatGLM3 tokenizer in the shared data folder")
@@ -553,7 +563,7 @@ def run_mode(spec: dict) -> dict:
         "what_if": {key: spec.get(key) for key in ("loss_chunk_size", "pack_length") if spec.get(key)},
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
-    return [result]
+    return result
 
 
 if __name__ == "__main__":
