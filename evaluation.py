@@ -15,7 +15,6 @@ Shared by `inference.py --input/--output` and by training with `--predict_with_g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ from chat_parsing import ToolCall, parse_assistant_reply
 from metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
 from preprocess_utils import (
     INPUT_OUTPUT, MULTI_TURN, IGNORE_INDEX, build_chat_input, conversation_messages, prefix_ids, read_records,
-    record_format, validate_records,
+    record_format, validate_records, write_jsonl,
 )
 
 PROMPT_RESPONSE = "response"  # the role of a prompt/response item
@@ -165,12 +164,6 @@ def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]
             "turn": item.turn_index, "role": item.role, "text": text, "content": reply.content,
             "tool_call": call, "code": reply.code, "error": reply.error})
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
 
 
 # ---- training: prompt-only datasets and compute_metrics ----------------------------------------

@@ -89,6 +89,14 @@ def _read_json_lines(path: str, text: str) -> list[tuple[str, object]]:
     return records
 
 
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """Rows as JSON lines (UTF-8, not escaped), creating the folder; non-JSON values as repr."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=repr) + "\n")
+
+
 # --- validation ----------------------------------------------------------------------------
 
 def record_format(record: dict) -> str | None:

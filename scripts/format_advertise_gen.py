@@ -17,6 +17,9 @@ import os
 import sys
 from typing import Iterable
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preprocess_utils import write_jsonl  # noqa: E402
+
 FIELDS = {"content": "prompt", "summary": "response"}
 
 
@@ -48,13 +51,6 @@ def convert_advertise_gen(lines: Iterable[str], source: str = "<input>") -> list
             row[target] = record[field]
         rows.append(row)
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

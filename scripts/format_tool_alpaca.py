@@ -19,6 +19,9 @@ import os
 import sys
 from collections import Counter
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from preprocess_utils import write_jsonl  # noqa: E402
+
 ERROR_INSTANCE = 'instance has "error"'
 NOT_AN_OBJECT = "instance is not a JSON object"
 NO_DOCUMENTATION = "API record has no NLDocumentation string"
@@ -117,13 +120,6 @@ def summary_lines(records: list, rows: list[dict], skipped: dict[str, list[str]]
     for turns, count in histogram.items():
         lines.append(f"  {turns:3d}: {count:5d} {'#' * max(1, round(40 * count / widest))}")
     return lines
-
-
-def write_jsonl(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
