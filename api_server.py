@@ -42,9 +42,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
-from chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
-from chat_parsing import ToolCall, parse_assistant_reply, render_tool_call
-from preprocess_utils import Message, tools_system_prompt
+from chatglm3_finetune.chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
+from chatglm3_finetune.chat_parsing import ToolCall, parse_assistant_reply
+from chatglm3_finetune.chat_format import render_tool_call
+from chatglm3_finetune.chat_format import Message, tools_system_prompt
 
 logger = logging.getLogger("api_server")
 
@@ -638,8 +639,8 @@ def served_model_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from chat_engine import load_chat_model
-    from model_loading import ModelLoadError
+    from chatglm3_finetune.chat_engine import load_chat_model
+    from chatglm3_finetune.model_loading import ModelLoadError
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

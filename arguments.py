@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from preprocess_utils import INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, TRUNCATION_POLICIES
+from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS
+
+from chatglm3_finetune.encoding import TRUNCATION_POLICIES
 
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -139,7 +141,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:
-    from prefix_tuning import read_prefix_settings
+    from chatglm3_finetune.prefix_tuning import read_prefix_settings
 
     try:
         settings = read_prefix_settings(model_args.ptuning_checkpoint)

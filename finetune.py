@@ -23,13 +23,13 @@ import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from arguments import OptionError, check_options, parse_args  # noqa: E402
-from chatglm3_tokenizer import load_tokenizer  # noqa: E402
-from efficient_loss import use_supervised_loss  # noqa: E402
-from model_loading import ModelLoadError, load_for_training  # noqa: E402
-from preprocess_utils import (  # noqa: E402
-    MULTI_TURN, DataCollatorForChatGLM, DataError, LengthLimits, print_sanity_check, read_records,
-    tokenize_records, validate_records,
-)
+from chatglm3_finetune.collation import build_collator  # noqa: E402
+from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
+from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.records import DataError  # noqa: E402
+from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
+from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.training_data import load_split, pack_dataset  # noqa: E402
 
 logger = logging.getLogger("finetune")
 
@@ -45,58 +45,6 @@ def setup_logging(training_args) -> None:
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_explicit_format()
-
-
-def length_limits(data_args) -> LengthLimits:
-    if data_args.train_format == MULTI_TURN:
-        return LengthLimits(max_seq_length=data_args.max_seq_length)
-    return LengthLimits(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
-
-
-def max_sequence_length(data_args) -> int:
-    limits = length_limits(data_args)
-    return limits.max_seq_length or limits.max_source_length + limits.max_target_length + 1
-
-
-def read_and_validate(path: str, train_format: str, max_samples: int | None):
-    records = read_records(path)
-    validate_records(records, train_format)
-    return records[:max_samples] if max_samples else records
-
-
-def load_split(path, max_samples, tokenizer, data_args, training_args, description: str):
-    """Validated records of one file -> a tokenized Dataset of input_ids/labels (plus a report)."""
-    records = read_and_validate(path, data_args.train_format, max_samples)
-    with training_args.main_process_first(desc=f"tokenizing {description}"):
-        dataset, report = tokenize_records(
-            tokenizer, records, data_args.train_format, length_limits(data_args),
-            num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
-            overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
-    logger.info("%s data %s: %s", description, path, report.summary())
-    if len(dataset) == 0:
-        raise DataError(f"{path}: no records left to use ({report.summary()}); raise the length caps")
-    return dataset.select_columns(["input_ids", "labels"]), report
-
-
-def build_collator(tokenizer, data_args):
-    if data_args.packing:
-        from packing import PackedCollator
-
-        return PackedCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
-    return DataCollatorForChatGLM(
-        pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of,
-        max_length=max_sequence_length(data_args) if data_args.pad_to_max_length else None)
-
-
-def pack_dataset(dataset, data_args):
-    import datasets
-
-    from packing import pack_features
-
-    rows = pack_features(list(dataset), max_sequence_length(data_args))
-    logger.info("Packed %d records into %d rows of at most %d tokens", len(dataset), len(rows),
-                max_sequence_length(data_args))
-    return datasets.Dataset.from_list(rows)
 
 
 def resume_checkpoint(training_args) -> str | None:
@@ -143,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             splits["test"] = load_split(data_args.test_file, data_args.max_predict_samples, tokenizer,
                                         data_args, training_args, "test")
         if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
-            from evaluation import GenerationEval
+            from chatglm3_finetune.evaluation import GenerationEval
 
             generation = GenerationEval.from_args(tokenizer, data_args, training_args)
             splits.update({name: (dataset, None) for name, dataset in generation.datasets.items()})

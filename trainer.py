@@ -16,8 +16,8 @@ import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from prefix_tuning import PrefixTuningModel
-from preprocess_utils import IGNORE_INDEX
+from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.encoding import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         if not self.args.predict_with_generate:
             yield
             return
-        from evaluation import GenerationCollator
+        from chatglm3_finetune.evaluation import GenerationCollator
 
         training_collator, self.data_collator = self.data_collator, GenerationCollator(self.processing_class.pad_token_id)
         try:
@@ -79,7 +79,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self.args.predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        from evaluation import generate_new_tokens
+        from chatglm3_finetune.evaluation import generate_new_tokens
 
         inputs = self._prepare_inputs(inputs)
         options = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from chat_engine import ChatModel  # noqa: E402
-from chatglm3_tokenizer import load_tokenizer  # noqa: E402
-from preprocess_utils import Message  # noqa: E402
+from chatglm3_finetune.chat_engine import ChatModel  # noqa: E402
+from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.chat_format import Message  # noqa: E402
 
 QUESTIONS = [
     "What is the weather in Paris?",
@@ -42,11 +40,11 @@ QUESTIONS = [
 def load_models(args):
     from transformers import GlmForCausalLM
 
-    from prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
 
     folder = args.model
     if folder is None:
-        from tiny_model import build_tiny_model
+        from chatglm3_finetune.tiny_model import build_tiny_model
 
         folder = build_tiny_model(tempfile.mkdtemp(prefix="bench-generate-"), hidden_size=args.hidden,
                                   num_layers=args.layers, intermediate_size=2 * args.hidden)

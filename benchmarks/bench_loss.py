@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from efficient_loss import count_targets, supervised_lm_loss  # noqa: E402
-from tiny_model import tiny_glm_config  # noqa: E402
+from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss  # noqa: E402
+from chatglm3_finetune.tiny_model import tiny_glm_config  # noqa: E402
 
 VARIANTS = {  # chunk_size None stands for --chunk-size
     "full logits (HF labels=)": {},

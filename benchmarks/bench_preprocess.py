@@ -20,15 +20,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from chatglm3_tokenizer import load_tokenizer  # noqa: E402
-from format_advertise_gen import convert_advertise_gen  # noqa: E402
-from format_tool_alpaca import convert_tool_alpaca  # noqa: E402
-from preprocess_utils import (  # noqa: E402
-    INPUT_OUTPUT, MULTI_TURN, LengthLimits, read_records, tokenize_records, validate_records,
-)
+from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.advertise_gen import convert_advertise_gen  # noqa: E402
+from chatglm3_finetune.tool_alpaca import convert_tool_alpaca  # noqa: E402
+from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, read_records, validate_records
+from chatglm3_finetune.encoding import LengthLimits
+from chatglm3_finetune.training_data import tokenize_records
 
 
 def formatted_files(tmp: Path) -> dict:

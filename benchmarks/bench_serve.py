@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SAMPLES = ROOT / "data" / "sample" / "advertise_gen_train.json"
 
@@ -46,9 +45,10 @@ def build_chat_tuned_tiny_model(out_dir: str, steps: int, seed: int = 0) -> str:
     import torch
     from transformers import GlmForCausalLM
 
-    from chatglm3_tokenizer import load_tokenizer
-    from preprocess_utils import DataCollatorForChatGLM, encode_multi_turn
-    from tiny_model import build_tiny_model
+    from chatglm3_finetune.tokenizer import load_tokenizer
+    from chatglm3_finetune.collation import DataCollatorForChatGLM
+    from chatglm3_finetune.encoding import encode_multi_turn
+    from chatglm3_finetune.tiny_model import build_tiny_model
 
     records = sample_records()
     texts = [turn["content"] for record in records for turn in record["conversations"]]

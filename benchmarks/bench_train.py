@@ -78,8 +78,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZER_DIR = SHARED / "chatglm3-tokenizer"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 logger = logging.getLogger("bench_train")
 
@@ -108,8 +106,8 @@ SEED = 42
 
 def write_formatted_data(name: str, out_dir: Path) -> Path:
     """The data set through the project's converter, as finetune.py reads it (JSON lines)."""
-    from format_advertise_gen import convert_advertise_gen
-    from format_tool_alpaca import convert_tool_alpaca
+    from chatglm3_finetune.advertise_gen import convert_advertise_gen
+    from chatglm3_finetune.tool_alpaca import convert_tool_alpaca
 
     source = SHARED / DATASETS[name][0]
     if not source.is_file():
@@ -128,7 +126,7 @@ def build_model(name: str, out_dir: Path) -> Path:
     import torch
     from transformers import GlmForCausalLM
 
-    from tiny_model import tiny_glm_config
+    from chatglm3_finetune.tiny_model import tiny_glm_config
 
     config = tiny_glm_config(CHATGLM3_VOCAB, max_positions=4096, **MODELS[name])
     torch.manual_seed(SEED)
@@ -306,8 +304,8 @@ class BatchRecorder:
         self.batches: list[dict] = []
 
     def __call__(self, features):
-        from efficient_loss import count_targets
-        from packing import seq_lens_from_position_ids
+        from chatglm3_finetune.supervised_loss import count_targets
+        from chatglm3_finetune.packing import seq_lens_from_position_ids
 
         batch = self.collator(features)
         records = []
@@ -472,11 +470,11 @@ def run_mode(spec: dict) -> dict:
     from transformers import set_seed
 
     from arguments import check_options, parse_args
-    from chatglm3_tokenizer import load_tokenizer
-    from efficient_loss import supervised_lm_loss, use_supervised_loss
+    from chatglm3_finetune.tokenizer import load_tokenizer
+    from chatglm3_finetune.supervised_loss import supervised_lm_loss, use_supervised_loss
     from finetune import build_collator, load_split, pack_dataset, setup_logging
-    from model_loading import load_for_training
-    from packing import pack_features
+    from chatglm3_finetune.model_loading import load_for_training
+    from chatglm3_finetune.packing import pack_features
     from trainer import ChatGLMTrainer
 
     if spec["threads"]:

@@ -17,11 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from chatglm3_conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning  # noqa: E402
+from chatglm3_finetune.conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning
 
 
 def parse_args(argv=None) -> argparse.Namespace:

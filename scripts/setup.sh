@@ -9,4 +9,5 @@ python -m pip install -q --upgrade pip
 TORCH_PIN=$(grep -E '^torch==' requirements.txt)
 DS_BUILD_OPS=0 python -m pip install -q "$TORCH_PIN"
 DS_BUILD_OPS=0 python -m pip install -q -r requirements.txt
-python -c "import torch, transformers, deepspeed, peft, datasets, sentencepiece, jieba, rouge_chinese, nltk" 
+python -m pip install -q --no-deps -e .
+python -c "import chatglm3_finetune, torch, transformers, deepspeed, peft, datasets, sentencepiece, jieba, rouge_chinese, nltk" 

@@ -8,7 +8,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -24,7 +23,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def real_tokenizer():
-    from chatglm3_tokenizer import load_tokenizer
+    from chatglm3_finetune.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_path("chatglm3-tokenizer")))
 
@@ -32,14 +31,14 @@ def real_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny GlmForCausalLM + ChatGLM3-layout tokenizer on disk (random weights)."""
-    from tiny_model import build_tiny_model
+    from chatglm3_finetune.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-chatglm3")))
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from chatglm3_tokenizer import load_tokenizer
+    from chatglm3_finetune.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

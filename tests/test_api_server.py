@@ -29,9 +29,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from api_server import (StreamedReply, assistant_message, chat_messages, create_app, main,  # noqa: E402
                         parse_args, served_model_name)
-from chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
-from chat_parsing import render_tool_call  # noqa: E402
-from preprocess_utils import Message, build_chat_input, tools_system_prompt  # noqa: E402
+from chatglm3_finetune.chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
+from chatglm3_finetune.chat_format import render_tool_call  # noqa: E402
+from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt  # noqa: E402
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "getCurrentWeather", "description": "Get the current weather of a city.",

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import ROOT, shared_path
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_train import batch_flops  # noqa: E402
+import runpy  # noqa: E402
+
+batch_flops = runpy.run_path(str(ROOT / "benchmarks" / "bench_train.py"))["batch_flops"]
 
 REQUIRED_KEYS = {"mode", "real_tokens_per_s", "supervised_tokens_per_s", "padding_fraction", "step_time_s",
                  "peak_mem_mb", "mfu"}

@@ -4,14 +4,9 @@ import random
 
 import pytest
 
-from chat_parsing import (
-    AssistantReply,
-    ToolCall,
-    parse_assistant_reply,
-    render_interpreter_code,
-    render_tool_call,
-    split_metadata,
-)
+from chatglm3_finetune.chat_parsing import AssistantReply, ToolCall, parse_assistant_reply, split_metadata
+
+from chatglm3_finetune.chat_format import render_interpreter_code, render_tool_call
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TokenizersBackend
 
-from chatglm3_conversion import AttentionShape, ConversionError, convert_checkpoint, convert_tensor
-from chatglm3_tokenizer import ChatGLM3Tokenizer, load_tokenizer
+from chatglm3_finetune.conversion import AttentionShape, ConversionError, convert_checkpoint, convert_tensor
+from chatglm3_finetune.tokenizer import ChatGLM3Tokenizer, load_tokenizer
 from conftest import ROOT, shared_path
 
 STOP_IDS = [2, 64795, 64797]
@@ -131,7 +131,7 @@ def test_config_and_generation_config(converted_dir):
 
 
 def test_rope_ratio_scales_theta(original_dir):
-    from chatglm3_conversion import glm_config
+    from chatglm3_finetune.conversion import glm_config
 
     with open(original_dir / "config.json") as f:
         original = json.load(f)
@@ -176,8 +176,9 @@ def test_reloads_without_remote_code(converted_dir, reference):
 
 # --- refusals -------------------------------------------------------------------------------------
 def run_cli(*args) -> int:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from convert_chatglm3 import main
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "convert_chatglm3.py"))["main"]
 
     return main(list(args))
 
@@ -280,7 +281,7 @@ def original_ptuning_dir():
 
 
 def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptuning_dir, reference, tmp_path):
-    from prefix_tuning import PREFIX_FORMAT, PrefixTuningModel, read_prefix_settings
+    from chatglm3_finetune.prefix_tuning import PREFIX_FORMAT, PrefixTuningModel, read_prefix_settings
 
     out = tmp_path / "prefix"
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(out), "--base", converted_dir) == 0
@@ -301,7 +302,7 @@ def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptu
 
 
 def test_ptuning_without_base_reads_the_model_shape_from_its_own_config(original_ptuning_dir, tmp_path):
-    from prefix_tuning import load_prefix_state
+    from chatglm3_finetune.prefix_tuning import load_prefix_state
 
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "prefix")) == 0
     settings, state = load_prefix_state(str(tmp_path / "prefix"))

@@ -8,9 +8,8 @@ import pytest
 
 from conftest import ROOT, shared_path
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from format_advertise_gen import AdvertiseGenError, convert_advertise_gen  # noqa: E402
-from format_tool_alpaca import (  # noqa: E402
+from chatglm3_finetune.advertise_gen import AdvertiseGenError, convert_advertise_gen  # noqa: E402
+from chatglm3_finetune.tool_alpaca import (  # noqa: E402
     BAD_ACTION_INPUT, BAD_STEP, ERROR_INSTANCE, NO_DOCUMENTATION, NOT_AN_OBJECT, PARAMETERS_NOT_OBJECT,
     ToolAlpacaFileError, convert_instance, convert_tool_alpaca, length_histogram,
 )

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from chat_parsing import ToolCall
+from chatglm3_finetune.chat_parsing import ToolCall
 from conftest import ROOT
-from evaluation import (GenerationCollator, GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
+from chatglm3_finetune.evaluation import (GenerationCollator, GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
                         prediction_rows, score_items)
-from preprocess_utils import IGNORE_INDEX, encode_multi_turn, encode_prompt_response
+from chatglm3_finetune.encoding import IGNORE_INDEX, encode_multi_turn, encode_prompt_response
 
 TOOLS = [{"name": "get_weather", "description": "Get the weather of a city", "parameters": {"city": "string"}}]
 TOOL_RECORD = {"tools": TOOLS, "conversations": [

@@ -7,10 +7,10 @@ import random
 import pytest
 from transformers import AutoTokenizer, TokenizersBackend
 
-from chatglm3_tokenizer import ChatGLM3Tokenizer, load_tokenizer
+from chatglm3_finetune.tokenizer import ChatGLM3Tokenizer, load_tokenizer
 from conftest import shared_path
-from fast_tokenizer import TOOLS_PROMPT, build_fast_tokenizer
-from tiny_model import train_tiny_sentencepiece
+from chatglm3_finetune.fast_tokenizer import TOOLS_PROMPT, build_fast_tokenizer
+from chatglm3_finetune.tiny_model import train_tiny_sentencepiece
 
 GMASK, SOP, SYSTEM, USER, ASSISTANT = 64790, 64792, 64794, 64795, 64796
 

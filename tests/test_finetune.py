@@ -47,7 +47,7 @@ def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path
 def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
 
     checkpoint = tmp_path / "prefix"
     PrefixTuningModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8).save_pretrained(str(checkpoint))
@@ -129,7 +129,8 @@ def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_sam
 
 @pytest.mark.parametrize("policy", ["drop", "error"])
 def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, formatted_samples, tmp_path, policy):
-    from preprocess_utils import encode_multi_turn, read_records
+    from chatglm3_finetune.encoding import encode_multi_turn
+    from chatglm3_finetune.records import read_records
 
     lengths = sorted(len(encode_multi_turn(tiny_tokenizer, record).input_ids)
                      for _, record in read_records(formatted_samples["multi-turn"]))

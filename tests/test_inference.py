@@ -11,14 +11,17 @@ import torch
 from transformers import GlmForCausalLM
 
 import inference
-from chat_engine import ChatModel, MetadataSplitter, load_chat_model
-from chat_parsing import ToolCall, render_tool_call
-from chatglm3_tokenizer import load_tokenizer
+from chatglm3_finetune.chat_engine import ChatModel, MetadataSplitter, load_chat_model
+from chatglm3_finetune.chat_parsing import ToolCall
+from chatglm3_finetune.chat_format import render_tool_call
+from chatglm3_finetune.tokenizer import load_tokenizer
 from conftest import shared_path
-from evaluation import build_eval_items, evaluation_stop_token_ids
-from metrics import generation_metrics
-from prefix_tuning import PrefixTuningModel
-from preprocess_utils import DataCollatorForChatGLM, Message, encode_multi_turn, encode_prompt_response
+from chatglm3_finetune.evaluation import build_eval_items, evaluation_stop_token_ids
+from chatglm3_finetune.metrics import generation_metrics
+from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.collation import DataCollatorForChatGLM
+from chatglm3_finetune.chat_format import Message
+from chatglm3_finetune.encoding import encode_multi_turn, encode_prompt_response
 
 TOOLS = [{"name": "get_weather", "description": "Get the weather of a city", "parameters": {"city": "string"}}]
 WEATHER = {"tools": TOOLS, "conversations": [
@@ -516,7 +519,7 @@ def test_a_lora_adapter_loads_merged_and_generates_like_the_peft_model(tiny_mode
 
 
 def test_an_original_format_ptuning_checkpoint_reproduces_the_original_model(tmp_path):
-    conversion = pytest.importorskip("chatglm3_conversion")
+    from chatglm3_finetune import conversion
     from safetensors.torch import load_file
 
     model_dir = shared_path("chatglm3-tiny-original", "model")

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_finetune
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import merge_lora  # noqa: E402
-from model_loading import ModelLoadError, add_lora  # noqa: E402
+from chatglm3_finetune import lora_merge as merge_lora  # noqa: E402
+from chatglm3_finetune.model_loading import ModelLoadError, add_lora  # noqa: E402
 
 LORA_ENV = {"LORA_RANK": "8", "LORA_ALPHA": "16", "LORA_DROPOUT": "0.05", "LORA_TARGET": "q_proj,v_proj"}
 
@@ -195,7 +194,7 @@ def test_merge_script_end_to_end(lora_run, tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_tokenizer import load_tokenizer
+    from chatglm3_finetune.tokenizer import load_tokenizer
 
     output_dir, _ = lora_run
     merged_dir = tmp_path / "merged"
@@ -212,7 +211,7 @@ def test_merge_script_end_to_end(lora_run, tiny_model_dir, tmp_path, capsys):
 def test_merge_script_errors(tiny_model_dir, tmp_path, capsys):
     from transformers import GlmForCausalLM
 
-    from tiny_model import tiny_glm_config
+    from chatglm3_finetune.tiny_model import tiny_glm_config
 
     adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
     other_base = tmp_path / "other-base"
@@ -245,7 +244,7 @@ def test_chat_engine_loads_the_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chat_engine import load_chat_model
+    from chatglm3_finetune.chat_engine import load_chat_model
 
     adapter = random_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
     chat = load_chat_model(tiny_model_dir, lora=str(adapter), device="cpu", dtype="float32")

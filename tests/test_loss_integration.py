@@ -3,11 +3,11 @@
 import torch
 from transformers import GlmForCausalLM
 
-from efficient_loss import use_supervised_loss
-from packing import PackedCollator, pack_features
-from prefix_tuning import PrefixTuningModel
-from preprocess_utils import DataCollatorForChatGLM
-from tiny_model import tiny_glm_config
+from chatglm3_finetune.supervised_loss import use_supervised_loss
+from chatglm3_finetune.packing import PackedCollator, pack_features
+from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.collation import DataCollatorForChatGLM
+from chatglm3_finetune.tiny_model import tiny_glm_config
 
 X = -100
 

@@ -9,9 +9,8 @@ import torch
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_tiny_model  # noqa: E402
-from chatglm3_tokenizer import SPECIAL_TOKENS, load_tokenizer  # noqa: E402
+from chatglm3_finetune import make_tiny_model  # noqa: E402
+from chatglm3_finetune.tokenizer import SPECIAL_TOKENS, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_sample_texts_cover_what_the_demo_trains_on():
 
 
 def test_pretraining_teaches_the_sample_texts(built):
-    from tiny_model import lm_loss, token_stream
+    from chatglm3_finetune.tiny_model import lm_loss, token_stream
 
     out, _ = built
     pretraining = json.loads((out / "pretraining.json").read_text(encoding="utf-8"))

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from chat_parsing import ToolCall, parse_assistant_reply, render_tool_call
-from metrics import generation_metrics, same_parameters, score_generation, tool_call_metrics, words
+from chatglm3_finetune.chat_parsing import ToolCall, parse_assistant_reply
+
+from chatglm3_finetune.chat_format import render_tool_call
+from chatglm3_finetune.metrics import generation_metrics, same_parameters, score_generation, tool_call_metrics, words
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,7 +108,7 @@ def test_surrounding_blanks_of_a_decoded_reply_are_ignored():
 
 
 def test_jieba_prints_nothing_in_cli_use():
-    code = ("import json, metrics; "
+    code = ("import json; from chatglm3_finetune import metrics; "
             "print(json.dumps(metrics.generation_metrics(['我爱北京'], ['我爱北京天安门'])))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=True)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import GlmForCausalLM
 
-from efficient_loss import count_targets, supervised_lm_loss
-from packing import (PackedCollator, attention_mask_for, pack_features, packed_attention_mask,
+from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss
+from chatglm3_finetune.packing import (PackedCollator, attention_mask_for, pack_features, packed_attention_mask,
                      seq_lens_from_position_ids)
-from tiny_model import tiny_glm_config
+from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 512
 MIN = torch.finfo(torch.float32).min

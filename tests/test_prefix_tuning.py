@@ -14,9 +14,9 @@ from safetensors import safe_open
 from transformers import DynamicCache, GlmForCausalLM
 
 from conftest import ROOT, shared_path
-from prefix_tuning import (PREFIX_FORMAT, PrefixCache, PrefixEncoder, PrefixTuningModel, load_prefix_state,
+from chatglm3_finetune.prefix_tuning import (PREFIX_FORMAT, PrefixCache, PrefixEncoder, PrefixTuningModel, load_prefix_state,
                            read_prefix_settings)
-from tiny_model import tiny_glm_config
+from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 128
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16  # tiny_glm_config: hidden 64, 4 heads, 2 KV groups
@@ -433,7 +433,7 @@ def test_original_chatglm3_checkpoint_loads_with_its_settings():
 
 
 def test_original_checkpoint_reproduces_the_original_model_outputs(tmp_path):
-    conversion = pytest.importorskip("chatglm3_conversion")
+    from chatglm3_finetune import conversion
     model_dir = shared_path("chatglm3-tiny-original", "model")
     ptuning = shared_path("chatglm3-tiny-original", "ptuning")
     from safetensors.torch import load_file
@@ -458,8 +458,8 @@ ZERO3_SCRIPT = textwrap.dedent("""
     import torch
     import deepspeed
     from transformers import GlmForCausalLM
-    from prefix_tuning import PrefixTuningModel
-    from tiny_model import tiny_glm_config
+    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.tiny_model import tiny_glm_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,

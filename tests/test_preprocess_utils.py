@@ -7,11 +7,14 @@ import sys
 import pytest
 
 from conftest import ROOT
-from preprocess_utils import (
-    INPUT_OUTPUT, MULTI_TURN, DataCollatorForChatGLM, DataError, LengthLimits, build_chat_input,
-    conversation_messages, encode_multi_turn, encode_prompt_response, preview, read_records,
-    sanity_check_lines, tokenize_records, validate_records,
+from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, DataError, read_records, validate_records
+from chatglm3_finetune.collation import DataCollatorForChatGLM
+from chatglm3_finetune.encoding import (
+    LengthLimits, encode_multi_turn, encode_prompt_response, sanity_check_lines,
 )
+from chatglm3_finetune.chat_format import build_chat_input, conversation_messages
+from preprocess_utils import preview
+from chatglm3_finetune.training_data import tokenize_records
 
 X = -100
 GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION, EOS = 64790, 64792, 64794, 64795, 64796, 64797, 2
@@ -316,13 +319,13 @@ def test_tokenize_records_parallel_cached_and_reported(tmp_path, tiny_tokenizer)
 
 
 def test_overwrite_cache_recomputes(tmp_path, tiny_tokenizer, monkeypatch):
-    import preprocess_utils
+    from chatglm3_finetune import training_data
 
     records = [("d:1", GOOD), ("d:2", GOOD)]
     tokenize_records(tiny_tokenizer, records, MULTI_TURN, LengthLimits(), cache_dir=str(tmp_path))
     calls = []
-    original = preprocess_utils.encode_record
-    monkeypatch.setattr(preprocess_utils, "encode_record", lambda *a: calls.append(1) or original(*a))
+    original = training_data.encode_record
+    monkeypatch.setattr(training_data, "encode_record", lambda *a: calls.append(1) or original(*a))
     tokenize_records(tiny_tokenizer, records, MULTI_TURN, LengthLimits(), cache_dir=str(tmp_path))
     assert calls == []
     tokenize_records(tiny_tokenizer, records, MULTI_TURN, LengthLimits(), cache_dir=str(tmp_path), overwrite_cache=True)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model_loading import ModelLoadError, add_lora, add_prefix_tuning, keep_4bit_layers_trainable, load_base_model
+from chatglm3_finetune.model_loading import ModelLoadError, add_lora, add_prefix_tuning, keep_4bit_layers_trainable, load_base_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: quantized bases cannot be tested")
 
@@ -106,7 +106,7 @@ def test_4bit_layers_repacked_for_inference_are_unpacked(tiny_model_dir):
 def test_load_for_training_gives_a_trainable_model_on_a_quantized_base(tiny_model_dir, tmp_path, bits, method_flags):
     """finetune.py's model step from parsed flags: QLoRA (4-bit) and P-Tuning on an 8-bit base."""
     from arguments import parse_args
-    from model_loading import is_quantized, load_for_training
+    from chatglm3_finetune.model_loading import is_quantized, load_for_training
 
     model_args, _, training_args = parse_args([
         "--model_name_or_path", tiny_model_dir, "--train_format", "multi-turn", "--output_dir", str(tmp_path),
@@ -140,7 +140,7 @@ def test_unsupported_quantization_options_exit_before_loading(tiny_model_dir, fo
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
-    from model_loading import quantization_config
+    from chatglm3_finetune.model_loading import quantization_config
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ModelLoadError, match=r"--quantization_bit 4 needs bitsandbytes .*pip install bitsandbytes, "

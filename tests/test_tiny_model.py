@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GlmForCausalLM
 
-from chatglm3_tokenizer import load_tokenizer
-from tiny_model import (BUILTIN_CORPUS, PRETRAINING_FILE, build_tiny_model, lm_loss, pretrain_tiny_model,
+from chatglm3_finetune.tokenizer import load_tokenizer
+from chatglm3_finetune.tiny_model import (BUILTIN_CORPUS, PRETRAINING_FILE, build_tiny_model, lm_loss, pretrain_tiny_model,
                         read_pretraining, tiny_glm_config, token_stream)
 
 SMALL = {"hidden_size": 32, "num_layers": 2, "intermediate_size": 64}

@@ -11,9 +11,9 @@ import threading
 import pytest
 
 from api_server import create_app
-from chat_engine import ChatModel
-from chat_parsing import render_tool_call
-from preprocess_utils import Message, build_chat_input, tools_system_prompt
+from chatglm3_finetune.chat_engine import ChatModel
+from chatglm3_finetune.chat_format import render_tool_call
+from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt
 from test_api_server import WEATHER_TOOL, ScriptedModel, ServerThread, reply_ids
 
 CHROMIUM = "/usr/bin/chromium"

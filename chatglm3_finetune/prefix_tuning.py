@@ -32,7 +32,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from efficient_loss import supervised_lm_loss
+from .supervised_loss import supervised_lm_loss
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chat_parsing import ToolCall, parse_assistant_reply
-from metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
-from preprocess_utils import (
-    INPUT_OUTPUT, MULTI_TURN, IGNORE_INDEX, build_chat_input, conversation_messages, prefix_ids, read_records,
-    record_format, validate_records, write_jsonl,
-)
+from .chat_parsing import ToolCall, parse_assistant_reply
+from .metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
+from .records import INPUT_OUTPUT, MULTI_TURN, read_records, record_format, validate_records, write_jsonl
+from .encoding import IGNORE_INDEX
+from .chat_format import build_chat_input, conversation_messages, prefix_ids
 
 PROMPT_RESPONSE = "response"  # the role of a prompt/response item
 GENERATED_TURN_ROLES = ("assistant", "tool", "interpreter")
@@ -178,7 +177,7 @@ class GenerationCollator:
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
-        from chat_engine import left_pad
+        from .chat_engine import left_pad
 
         input_ids, attention_mask = left_pad([list(f["input_ids"]) for f in features], self.pad_token_id)
         labels = torch.tensor([list(f["labels"]) for f in features], dtype=torch.long)

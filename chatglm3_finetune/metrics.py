@@ -21,7 +21,7 @@ import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
-from chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
+from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
 
 jieba.setLogLevel(logging.WARNING)  # silences "Building prefix dict ..." on first use
 

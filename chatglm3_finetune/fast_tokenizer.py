@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import TokenizersBackend
 
-from chatglm3_tokenizer import SPECIAL_TOKENS
+from .tokenizer import SPECIAL_TOKENS
 
 FAST_SPECIAL_NAMES = {"sop": "<sop>", "eop": "<eop>"}
 FAST_SPECIAL_TOKENS = tuple(FAST_SPECIAL_NAMES.get(name, name) for name in SPECIAL_TOKENS)

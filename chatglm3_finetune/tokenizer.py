@@ -169,7 +169,7 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         """Writes tokenizer.model (read back by `load_tokenizer` as this class) plus tokenizer.json,
         chat_template.jinja and a tokenizer_config.json that `AutoTokenizer.from_pretrained` loads
         with no remote code as the equivalent generic fast tokenizer, chat template included."""
-        from fast_tokenizer import build_fast_tokenizer  # imports this module
+        from .fast_tokenizer import build_fast_tokenizer  # imports this module
 
         os.makedirs(save_directory, exist_ok=True)
         build_fast_tokenizer(self.vocab_file, padding_side=self.padding_side).save_pretrained(save_directory)

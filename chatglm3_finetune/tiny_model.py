@@ -20,7 +20,7 @@ import os
 import sentencepiece as spm
 from transformers import GlmConfig, GlmForCausalLM
 
-from chatglm3_tokenizer import SPECIAL_TOKENS, TOKENIZER_MODEL_FILE, load_tokenizer
+from .tokenizer import SPECIAL_TOKENS, TOKENIZER_MODEL_FILE, load_tokenizer
 
 PRETRAINING_FILE = "pretraining.json"
 

@@ -57,22 +57,6 @@ class AssistantReply:
         return bool(self.metadata) or f"{CALL_FUNCTION}(" in self.content
 
 
-def render_tool_call(name: str, parameters: dict[str, Any]) -> str:
-    """The text of a tool-call message (its metadata is `name`), exactly as ChatGLM3 trains it.
-
-    Keys must be Python identifiers (keywords such as `from` are tolerated by the parser) for
-    the call to parse back; values are written with `repr`.
-    """
-    del name  # the name is the message's metadata, not part of its text
-    arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
-    return f"{_FENCE}python\n{CALL_FUNCTION}({arguments})\n{_FENCE}"
-
-
-def render_interpreter_code(code: str) -> str:
-    """The text of a code-interpreter message (its metadata is `interpreter`)."""
-    return f"{_FENCE}python\n{code}\n{_FENCE}"
-
-
 def split_metadata(text: str) -> tuple[str, str]:
     """(metadata, content) of a decoded assistant reply; both stripped of surrounding blanks.
 

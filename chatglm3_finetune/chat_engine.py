@@ -19,7 +19,7 @@ trained on ToolAlpaca-style data writes a thought, then `<|assistant|>` and the 
 second message (metadata = the tool name). Decoding drops special tokens, so the messages are
 cut apart by where `<|assistant|>` stands in the token ids (`split_reply`) and parsed one by one.
 Records in the data format become messages with
-`preprocess_utils.conversation_messages({"tools": ..., "conversations": [...]})`.
+`chat_format.conversation_messages({"tools": ..., "conversations": [...]})`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
-from model_loading import ModelLoadError, load_base_model, resolve_dtype
-from preprocess_utils import Message, build_chat_input
+from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
+from .model_loading import ModelLoadError, load_base_model, resolve_dtype
+from .chat_format import Message, build_chat_input
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ChatModel:
 
     @property
     def is_prefix_tuned(self) -> bool:
-        from prefix_tuning import PrefixTuningModel
+        from .prefix_tuning import PrefixTuningModel
 
         return isinstance(self.model, PrefixTuningModel)
 
@@ -429,7 +429,7 @@ def load_chat_model(model: str | None, tokenizer: str | None = None, pt_checkpoi
     is the one the prefix or adapter names (its `base_model_name_or_path`).
     Raises ModelLoadError with what to do when something does not fit.
     """
-    from chatglm3_tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     if pt_checkpoint and lora:
         raise ModelLoadError("choose one of a P-Tuning checkpoint and a LoRA adapter, not both")
@@ -482,7 +482,7 @@ def _resolve_adapter_given_as_model(model: str | None, pt_checkpoint: str | None
 
 def _adapter_checkpoint(folder: str) -> tuple[str, str | None] | None:
     """("pt" or "lora", the base model it names) for a prefix or adapter folder, None for a model."""
-    from prefix_tuning import read_prefix_settings
+    from .prefix_tuning import read_prefix_settings
 
     if os.path.isfile(os.path.join(folder, "prefix_config.json")) or _is_prefix_config(folder):
         try:
@@ -513,7 +513,7 @@ def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
 
 
 def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
-    from prefix_tuning import PrefixTuningModel
+    from .prefix_tuning import PrefixTuningModel
 
     try:
         return PrefixTuningModel.from_pretrained(base, checkpoint, pre_seq_len=pre_seq_len)

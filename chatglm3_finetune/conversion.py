@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig
 
-from chatglm3_tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
+from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     """
     from transformers import AutoConfig, GlmForCausalLM
 
-    from prefix_tuning import ORIGINAL_FORMAT, PrefixTuningModel, load_prefix_state
+    from .prefix_tuning import ORIGINAL_FORMAT, PrefixTuningModel, load_prefix_state
 
     try:
         settings, _ = load_prefix_state(ptuning_dir)

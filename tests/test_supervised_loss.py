@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import DynamicCache, GlmForCausalLM
 
-from efficient_loss import count_targets, supervised_lm_loss
-from tiny_model import tiny_glm_config
+from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss
+from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 512
 
@@ -163,8 +163,8 @@ import copy, json, sys
 import torch, deepspeed
 from deepspeed.utils import safe_get_full_grad
 from transformers import GlmForCausalLM
-from efficient_loss import supervised_lm_loss
-from tiny_model import tiny_glm_config
+from chatglm3_finetune.supervised_loss import supervised_lm_loss
+from chatglm3_finetune.tiny_model import tiny_glm_config
 
 torch.manual_seed(0)
 reference = GlmForCausalLM(tiny_glm_config(512)).float()

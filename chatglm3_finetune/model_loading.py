@@ -153,7 +153,7 @@ def _is_original_chatglm(path: str) -> bool:
 
 def add_prefix_tuning(model, model_args, base_path: str):
     """Wraps a frozen base with a P-Tuning v2 prefix: new, or continued from --ptuning_checkpoint."""
-    from prefix_tuning import PrefixTuningModel
+    from .prefix_tuning import PrefixTuningModel
 
     keep_4bit_layers_trainable(model)
     if model_args.ptuning_checkpoint:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from packing import attention_mask_for
+from .packing import attention_mask_for
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
