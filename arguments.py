@@ -1,5 +1,5 @@
 """Options of finetune.py: model, data and tuning dataclasses parsed with HfArgumentParser
-together with `Seq2SeqTrainingArguments`. One `.json` or `.yaml` file may stand for all flags.
+together with `Seq2SeqTrainingArguments` (as `TrainingArguments`). One `.json` or `.yaml` file may stand for all flags.
 
 `check_options` validates them before any model or data is loaded, so a wrong flag fails in a
 second with a message that says what to do.
@@ -16,8 +16,10 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS
 
 from chatglm3_finetune.encoding import TRUNCATION_POLICIES
+from chatglm3_finetune.supervised_loss import DEFAULT_CHUNK_SIZE
 
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
+PACKING_ATTENTION = (None, "sdpa", "packed_sdpa", "flash_attention_2")
 
 
 class OptionError(ValueError):
@@ -72,7 +74,14 @@ class DataArguments:
         "help": "pad every batch to the length cap, as the reference did (slow; for comparisons)"})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "round padded lengths up (e.g. 8)"})
     packing: bool = field(default=False, metadata={
-        "help": "pack several records per row, each attending only to itself (no padding waste)"})
+        "help": "pack several records per row, each attending only to itself (no padding waste; attention "
+                "per record: packed_sdpa, or flash_attention_2's variable-length kernel when asked for)"})
+    packing_row_length: int | None = field(default=None, metadata={
+        "help": "--packing: tokens per packed row (default: the length cap, at most 2048; at least the "
+                "longest record)"})
+    loss_chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={
+        "help": "supervised positions per output-layer call of the targets-only loss; batches with more "
+                "targets recompute each chunk's logits in the backward (less memory, more time)"})
     loss_on_targets_only: bool = field(default=True, metadata={
         "help": "compute the output layer and loss only at supervised positions (same loss, less time and "
                 "memory); --no_loss_on_targets_only computes logits everywhere, as the reference did"})
@@ -89,10 +98,31 @@ class DataArguments:
         return self.preprocessing_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "chatglm3_finetune")
 
 
+TOKEN_COUNTING_VALUES = {"true": "all", "false": "no", "all": "all", "non_padding": "non_padding", "no": "no"}
+
+
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """transformers' options, with token counting on by default and its values accepted on the command line."""
+
+    include_num_input_tokens_seen: str = field(default="non_padding", metadata={
+        "help": "num_input_tokens_seen (and train_tokens_per_second) counts: non_padding (default: real tokens "
+                "in every batch layout, packed rows included; never the P-Tuning prefix), all (every position, "
+                "padding included), no; true/false mean all/no", "choices": sorted(TOKEN_COUNTING_VALUES)})
+
+    def __post_init__(self):
+        value = self.include_num_input_tokens_seen
+        value = str(value).lower() if isinstance(value, bool) else value
+        if value not in TOKEN_COUNTING_VALUES:
+            raise ValueError(f"--include_num_input_tokens_seen {value!r} is not one of {', '.join(TOKEN_COUNTING_VALUES)}")
+        self.include_num_input_tokens_seen = TOKEN_COUNTING_VALUES[value]
+        super().__post_init__()
+
+
 def parse_args(argv: list[str] | None = None):
     """(model_args, data_args, training_args) from flags, or from one .json/.yaml file."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
@@ -130,9 +160,17 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         _check_ptuning_checkpoint(model_args)
     if data_args.packing and data_args.pad_to_max_length:
         raise OptionError("--packing and --pad_to_max_length exclude each other")
-    if data_args.packing and model_args.attn_implementation == "eager":
-        raise OptionError("--packing needs sdpa (the default) or flash_attention_2 attention: eager attention "
-                          "adds the mask, and packed rows carry a boolean block-diagonal one")
+    if data_args.packing and model_args.attn_implementation not in PACKING_ATTENTION:
+        raise OptionError(f"--packing attends per record with {' or '.join(a for a in PACKING_ATTENTION if a)}: "
+                          f"drop --attn_implementation {model_args.attn_implementation}")
+    if data_args.packing and model_args.attn_implementation == "flash_attention_2" and model_args.tuning_method == "ptuning":
+        raise OptionError("--packing with flash_attention_2 cannot show the P-Tuning prefix to every record (its "
+                          "variable-length kernel takes no shared keys): drop --attn_implementation (packing then "
+                          "uses packed_sdpa, which does)")
+    if data_args.packing_row_length is not None and data_args.packing_row_length < 3:
+        raise OptionError(f"--packing_row_length must be at least 3 tokens, got {data_args.packing_row_length}")
+    if data_args.loss_chunk_size < 1:
+        raise OptionError(f"--loss_chunk_size must be a positive number of positions, got {data_args.loss_chunk_size}")
     limits = (data_args.max_seq_length,) if data_args.train_format == MULTI_TURN else (
         data_args.max_source_length, data_args.max_target_length)
     if any(limit is not None and limit < 3 for limit in limits):

@@ -26,6 +26,7 @@ from arguments import OptionError, check_options, parse_args  # noqa: E402
 from chatglm3_finetune.collation import build_collator  # noqa: E402
 from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.packed_attention import packing_attention  # noqa: E402
 from chatglm3_finetune.records import DataError  # noqa: E402
 from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
@@ -102,17 +103,22 @@ def main(argv: list[str] | None = None) -> None:
         print_sanity_check(tokenizer, first["input_ids"], first["labels"])
     train_dataset = splits.get("train", (None,))[0]
     if train_dataset is not None and data_args.packing:
-        train_dataset = pack_dataset(train_dataset, data_args)
+        try:
+            train_dataset = pack_dataset(train_dataset, data_args)
+        except DataError as e:
+            fail(str(e))
 
     resume_from = resume_checkpoint(training_args) if training_args.do_train else None
     if training_args.deepspeed and training_args.world_size > 1:
         start_deepspeed_comm()
+    if data_args.packing:
+        model_args.attn_implementation = packing_attention(model_args.attn_implementation)
     try:
         model = load_for_training(model_args, training_args)
     except ModelLoadError as e:
         fail(str(e))
     if data_args.loss_on_targets_only:
-        use_supervised_loss(model)
+        use_supervised_loss(model, data_args.loss_chunk_size)
 
     from trainer import ChatGLMTrainer, plot_loss_curve, write_run_config
 
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         result = trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model()
         metrics = dict(result.metrics, train_records=splits["train"][1].kept,
-                       train_supervised_tokens=splits["train"][1].targets)
+                       **trainer.token_metrics(result.metrics["train_runtime"]))
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()

@@ -1,5 +1,5 @@
 """The Trainer subclass: saves only what was trained (the P-Tuning prefix, LoRA adapters) or the
-whole model for full fine-tuning, logs supervised tokens, writes run_config.json and a loss
+whole model for full fine-tuning, counts real and supervised tokens without a host sync per batch, writes run_config.json and a loss
 curve, and finds the checkpoint to resume from.
 """
 
@@ -17,10 +17,11 @@ from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from chatglm3_finetune.prefix_tuning import PrefixTuningModel
-from chatglm3_finetune.encoding import IGNORE_INDEX
+from chatglm3_finetune.token_counts import input_tokens, supervised_tokens
 
 logger = logging.getLogger(__name__)
 
+TOKEN_COUNTS_KEY = "TokenCounts"  # its entry in TrainerState.stateful_callbacks
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json", "prefix_encoder.safetensors", "adapter_model.safetensors",
@@ -30,27 +31,63 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class ChatGLMTrainer(Seq2SeqTrainer):
     def __init__(self, *args, max_new_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._supervised_tokens = 0
+        self._pending_token_counts = None  # device tensor [input tokens, supervised tokens] since the last read
+        self._supervised_at_start = None
         self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    # ---- loss and logging ----------------------------------------------------------------------
+    # ---- token accounting (chatglm3_finetune.token_counts) -------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and "labels" in inputs:
-            self._supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def _track_num_input_tokens(self, inputs):
+        """Every training micro-batch: input tokens (real ones unless --include_num_input_tokens_seen all)
+        and supervised tokens, added up on the device; `_read_token_counts` brings them to the host."""
+        if "labels" not in inputs:
+            return
+        if self._supervised_at_start is None:
+            self._supervised_at_start = self.supervised_tokens_seen
+        counts = torch.stack([input_tokens(inputs, self.args.include_num_input_tokens_seen),
+                              supervised_tokens(inputs)]).to(self.args.device)
+        self._pending_token_counts = counts if self._pending_token_counts is None else self._pending_token_counts + counts
+
+    @property
+    def supervised_tokens_seen(self) -> int:
+        # Kept in trainer_state.json (a TrainerState field would not be saved), so a resume continues it.
+        return self.state.stateful_callbacks.get(TOKEN_COUNTS_KEY, {}).get("supervised_tokens", 0)
+
+    def _read_token_counts(self) -> None:
+        """Sums the pending counts over all ranks into the state (every rank calls this, at log and save time)."""
+        pending = self._pending_token_counts
+        if pending is None:
+            pending = torch.zeros(2, dtype=torch.long, device=self.args.device)
+        input_count, supervised_count = self.accelerator.reduce(pending, reduction="sum").tolist()
+        self._pending_token_counts = None
+        if self.args.include_num_input_tokens_seen != "no":
+            self.state.num_input_tokens_seen += input_count
+        self.state.stateful_callbacks[TOKEN_COUNTS_KEY] = {"supervised_tokens": self.supervised_tokens_seen + supervised_count}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            count = torch.tensor(self._supervised_tokens, device=self.args.device)
-            self._supervised_tokens = 0
-            self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
-                self.accelerator.reduce(count, reduction="sum"))
-            logs["supervised_tokens"] = self.state.supervised_tokens
+        self._read_token_counts()
+        if "loss" in logs or "train_runtime" in logs:
+            logs["supervised_tokens"] = self.supervised_tokens_seen
         super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._read_token_counts()
+        super()._save_checkpoint(model, trial)
+
+    def token_metrics(self, runtime_s: float) -> dict:
+        """Final summary: tokens trained in all (resumed runs included) and per second in this run."""
+        self._read_token_counts()
+        supervised = self.supervised_tokens_seen
+        metrics = {"train_supervised_tokens": supervised,
+                   "train_supervised_tokens_per_second": round((supervised - (self._supervised_at_start or 0)) / runtime_s, 3)}
+        if self.args.include_num_input_tokens_seen != "no":
+            seen = self.state.num_input_tokens_seen
+            metrics.update(train_num_input_tokens_seen=seen,
+                           train_tokens_per_second=round((seen - self._initial_num_input_tokens_seen) / runtime_s, 3))
+        return metrics
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
 

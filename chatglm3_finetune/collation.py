@@ -45,7 +45,8 @@ def build_collator(tokenizer, data_args):
     if data_args.packing:
         from .packing import PackedCollator
 
-        return PackedCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+        # One padding-free row per batch: attention runs per record (packed_sdpa or flash-attention varlen).
+        return PackedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     return DataCollatorForChatGLM(
         pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of,
         max_length=max_sequence_length(data_args) if data_args.pad_to_max_length else None)

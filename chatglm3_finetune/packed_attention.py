@@ -9,7 +9,7 @@ record. Batches that carry an attention mask (evaluation, generation, padded bat
 without `cu_seq_lens_q` take transformers' own sdpa path, so a model loaded with
 `attn_implementation="packed_sdpa"` behaves like an sdpa model everywhere else.
 
-`use_packed_sdpa()` registers the name; `model_loading` calls it before loading a model with it.
+`use_packed_sdpa()` registers the name; `packing_attention()` picks the implementation for --packing.
 """
 
 from __future__ import annotations
@@ -101,4 +101,10 @@ def use_packed_sdpa() -> str:
     return PACKED_SDPA
 
 
-__all__ = ["PACKED_SDPA", "packed_sdpa_attention", "packed_sdpa_mask", "use_packed_sdpa"]
+def packing_attention(requested: str | None) -> str:
+    """The attention implementation packed training runs with: flash_attention_2 when asked for
+    (its variable-length kernel reads cu_seq_lens itself), packed_sdpa otherwise."""
+    return requested if requested == "flash_attention_2" else use_packed_sdpa()
+
+
+__all__ = ["PACKED_SDPA", "packed_sdpa_attention", "packed_sdpa_mask", "use_packed_sdpa", "packing_attention"]

@@ -32,7 +32,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .supervised_loss import supervised_lm_loss
+from .supervised_loss import DEFAULT_CHUNK_SIZE, supervised_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ class PrefixTuningModel(nn.Module):
         # Read once here: under ZeRO-3 a base parameter is an empty shard at forward time.
         self._base_dtype = _first_float_dtype(base_model)
         self._cache_argument = _cache_argument_name(base_model)
-        self.supervised_loss = False  # set by efficient_loss.use_supervised_loss
+        self.supervised_loss = False  # set by supervised_loss.use_supervised_loss, with the chunk size
+        self.loss_chunk_size = DEFAULT_CHUNK_SIZE
 
     @property
     def pre_seq_len(self) -> int:
@@ -269,7 +270,7 @@ class PrefixTuningModel(nn.Module):
         on, the output layer only runs at supervised positions (`efficient_loss`)."""
         if labels is not None and self.training and self.supervised_loss:
             loss, _ = supervised_lm_loss(self.base_model, labels, kwargs.pop("num_items_in_batch", None),
-                                         input_ids=input_ids, attention_mask=attention_mask,
+                                         chunk_size=self.loss_chunk_size, input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids, **{self._cache_argument: cache}, **kwargs)
             return CausalLMOutputWithPast(loss=loss)
         outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

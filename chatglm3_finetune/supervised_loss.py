@@ -21,7 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .packing import attention_mask_for
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 1024
+# 4096 targets: at most ~1 GB of fp32 logits (and as much gradient) at ChatGLM3's vocabulary.
+DEFAULT_CHUNK_SIZE = 4096
 
 
 def count_targets(labels) -> int:
@@ -103,8 +104,9 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     return total / denominator, num_targets
 
 
-def use_supervised_loss(model: torch.nn.Module) -> torch.nn.Module:
-    """Makes a model's TRAINING forward with labels use `supervised_lm_loss`; returns the model.
+def use_supervised_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.nn.Module:
+    """Makes a model's TRAINING forward with labels use `supervised_lm_loss` (output layer in chunks
+    of `chunk_size` targets); returns the model.
 
     A P-Tuning wrapper gets its switch turned on; a plain causal LM (or the one inside a peft
     model) gets an instance-level forward that, in training mode and with labels, returns only the
@@ -114,6 +116,7 @@ def use_supervised_loss(model: torch.nn.Module) -> torch.nn.Module:
     """
     if hasattr(model, "supervised_loss") and hasattr(model, "prefix_encoder"):
         model.supervised_loss = True
+        model.loss_chunk_size = chunk_size
         return model
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     original_forward = causal_lm.forward
@@ -125,7 +128,7 @@ def use_supervised_loss(model: torch.nn.Module) -> torch.nn.Module:
         for unused in ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep"):
             kwargs.pop(unused, None)
         loss, _ = supervised_lm_loss(causal_lm, labels, kwargs.pop("num_items_in_batch", None),
-                                     input_ids=input_ids, attention_mask=attention_mask,
+                                     chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask,
                                      position_ids=position_ids, **kwargs)
         return CausalLMOutputWithPast(loss=loss)
 

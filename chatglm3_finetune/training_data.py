@@ -157,12 +157,26 @@ def load_split(path, max_samples, tokenizer, data_args, training_args, descripti
     return dataset.select_columns(["input_ids", "labels"]), report
 
 
+DEFAULT_PACKING_ROW_LENGTH = 2048  # beyond it rows only grow the step, attention is per record anyway
+
+
+def packing_row_length(data_args, longest_record: int) -> int:
+    """--packing_row_length, or the length cap held to 2048 (and never below the longest record)."""
+    if data_args.packing_row_length:
+        return data_args.packing_row_length
+    return max(min(max_sequence_length(data_args), DEFAULT_PACKING_ROW_LENGTH), longest_record)
+
+
 def pack_dataset(dataset, data_args):
     import datasets
 
     from .packing import pack_features
 
-    rows = pack_features(list(dataset), max_sequence_length(data_args))
-    logger.info("Packed %d records into %d rows of at most %d tokens", len(dataset), len(rows),
-                max_sequence_length(data_args))
+    features = dataset.to_list()
+    row_length = packing_row_length(data_args, max(len(f["input_ids"]) for f in features))
+    try:
+        rows = pack_features(features, row_length)
+    except ValueError as e:
+        raise DataError(f"--packing_row_length {row_length}: {e}") from None
+    logger.info("Packed %d records into %d rows of at most %d tokens", len(dataset), len(rows), row_length)
     return datasets.Dataset.from_list(rows)
