@@ -15,7 +15,15 @@ Modes (each is a finetune.py command line; the table's rows):
   dynamic              rows padded to the batch's longest, output layer at targets only (the default)
   grouped              dynamic, with batches of similar lengths (--train_sampling_strategy
                        group_by_length: transformers 5 replaced --group_by_length)
-  packing              several records per row, block-diagonal attention (--packing)
+  packing              several records per row (--packing): one padding-free row per batch,
+                       attention per record (packed_sdpa; flash_attention_2 when asked for),
+                       rows of min(cap, 2048) tokens, output layer in chunks of 4096 targets
+  packing_4d_mask      the packed path before it (kept to compare): rows padded to a common
+                       length with a dense block-diagonal 4D mask through sdpa, rows as long as
+                       the cap, output-layer chunks of 1024 targets (the child builds it)
+  packing_workers      packing with collation in a dataloader worker (--dataloader_num_workers 1)
+  packing_compiled     packing with torch.compile of the model (--torch_compile; not in the default
+                       set: compiling takes minutes on 2 CPU cores, and the warm-up step absorbs it)
 
 Each child runs finetune.py's own pipeline (parse_args, check_options, load_split, pack_dataset,
 load_for_training, use_supervised_loss, build_collator, ChatGLMTrainer) without saving, plus a
@@ -87,7 +95,13 @@ MODES = {
     "dynamic": [],
     "grouped": ["--train_sampling_strategy", "group_by_length"],  # transformers 5: was --group_by_length
     "packing": ["--packing"],
+    "packing_4d_mask": ["--packing"],  # + LEGACY_PACKING in the child
+    "packing_workers": ["--packing", "--dataloader_num_workers", "1"],
+    "packing_compiled": ["--packing", "--torch_compile"],
 }
+DEFAULT_MODES = ["reference", "dynamic_full_logits", "dynamic", "grouped", "packing", "packing_4d_mask",
+                 "packing_workers"]
+LEGACY_PACKING = {"mode": "packing_4d_mask", "loss_chunk_size": 1024}  # the packed path of round 1
 DATASETS = {  # name: (source file under ../shared/data, train format, length flags)
     "toolalpaca": ("toolalpaca/train_sample.json", "multi-turn", ["--max_seq_length", "2048"]),
     "advertisegen": ("advertisegen/dev.json", "input-output", ["--max_source_length", "1024", "--max_target_length", "128"]),
@@ -155,6 +169,12 @@ def finetune_argv(args, mode: str, model_dir: Path, data_path: Path, work_dir: P
         argv.append("--gradient_checkpointing")
     if args.max_train_samples:
         argv += ["--max_train_samples", str(args.max_train_samples)]
+    if args.loss_chunk_size and mode != LEGACY_PACKING["mode"]:
+        argv += ["--loss_chunk_size", str(args.loss_chunk_size)]
+    if mode == LEGACY_PACKING["mode"]:
+        argv += ["--loss_chunk_size", str(LEGACY_PACKING["loss_chunk_size"])]
+    elif args.pack_length and "--packing" in MODES[mode]:
+        argv += ["--packing_row_length", str(args.pack_length)]
     return argv
 
 
@@ -215,7 +235,7 @@ def describe_run(args, results: list[dict]) -> str:
             f"the body, hidden {shape['hidden']}, {shape['layers']} layers, vocab {shape['vocab']}), "
             f"data {args.data}, method {args.method}, {first['dtype']} on {first['device']}, "
             f"{first['threads']} threads, batch {args.batch_size}, {args.steps} timed steps after "
-            f"{args.warmup_steps} warm-up" + "".join(f", {key} {value} (what-if)" for key, value in first["what_if"].items()))
+            f"{args.warmup_steps} warm-up")
 
 
 def parse_args(argv=None):
@@ -225,7 +245,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", choices=sorted(DATASETS), default="toolalpaca")
     parser.add_argument("--method", choices=sorted(METHODS), default="full",
                         help="full fine-tuning (default: every FLOP of the output layer counts), or P-Tuning v2")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=DEFAULT_MODES)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per mode")
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per step (packed rows with packing)")
@@ -236,11 +256,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="as the reference launchers (recomputation is not counted as model FLOPs)")
-    what_if = parser.add_argument_group("what-if experiments (not finetune.py options: they patch the child)")
-    what_if.add_argument("--loss-chunk-size", type=int,
-                         help="targets per output-layer chunk in supervised_lm_loss (efficient_loss default 1024; "
-                              "more targets than this are checkpointed and recomputed in the backward)")
-    what_if.add_argument("--pack-length", type=int, help="packed rows of at most N tokens (finetune.py: the length cap)")
+    parser.add_argument("--loss-chunk-size", type=int,
+                        help="finetune.py --loss_chunk_size for every mode (targets per output-layer chunk)")
+    parser.add_argument("--pack-length", type=int, help="finetune.py --packing_row_length for the packing modes")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over the timed steps: top operators in WORK_DIR/profile-MODE.txt "
                              "(its overhead makes the timings of that run incomparable)")
@@ -279,7 +297,6 @@ def main(argv=None) -> list[dict]:
             spec = {"mode": mode, "argv": finetune_argv(args, mode, model_dir, data_path, work_dir),
                     "warmup_steps": args.warmup_steps, "steps": args.steps, "threads": args.threads,
                     "dtype": args.dtype, "result": str(work_dir / f"result-{mode}.json"),
-                    "loss_chunk_size": args.loss_chunk_size, "pack_length": args.pack_length,
                     "profile": str(work_dir / f"profile-{mode}.txt") if args.profile else None}
             logger.info("%s: python finetune.py %s", mode, " ".join(spec["argv"]))
             results.append(run_child(spec, work_dir))
@@ -297,11 +314,11 @@ def main(argv=None) -> list[dict]:
 # ---- a child: one mode through finetune.py's pipeline ---------------------------------------------
 
 class BatchRecorder:
-    """Wraps a collator; records what every batch it builds holds (in the order the steps use them)."""
+    """Wraps a collator; adds to every batch what it holds (under STATS_KEY, which `recording_trainer`
+    takes off and keeps in step order): collation may run in a dataloader worker process."""
 
     def __init__(self, collator):
         self.collator = collator
-        self.batches: list[dict] = []
 
     def __call__(self, features):
         from chatglm3_finetune.supervised_loss import count_targets
@@ -314,10 +331,30 @@ class BatchRecorder:
                 records += list(feature.get("seq_lens") or seq_lens_from_position_ids(feature["position_ids"]))
             else:
                 records.append(len(feature["input_ids"]))
-        self.batches.append({"rows": len(features), "padded_length": int(batch["input_ids"].shape[1]),
+        padding_free = "cu_seq_lens_q" in batch
+        batch[STATS_KEY] = ({"rows": len(features), "padded_length": int(batch["input_ids"].shape[1]),
+                             "positions": int(batch["input_ids"].numel()),
                              "real_tokens": sum(records), "supervised_tokens": count_targets(batch["labels"]),
-                             "record_lengths": records})
+                             "record_lengths": records,
+                             # what attention computes: each record alone, or each padded row whole
+                             "attention_lengths": records if padding_free else [int(batch["input_ids"].shape[1])] * len(features)},)
         return batch
+
+
+STATS_KEY = "bench_batch_stats"
+
+
+def recording_trainer(trainer_class):
+    """A subclass of trainer_class whose `batches` lists the stats of every training batch, in step order."""
+
+    class RecordingTrainer(trainer_class):
+        batches: list[dict] = []
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.batches.append(inputs.pop(STATS_KEY)[0])
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return RecordingTrainer
 
 
 PHASES = ("data", "forward_backward", "optimizer", "zero_grad")  # the parts of one optimizer step
@@ -421,8 +458,8 @@ def batch_flops(shape: dict, batch: dict, trains_weights: bool, full_logits: boo
     """Model FLOPs of one training step on a batch (see the module doc); `executed` counts padding too."""
     k = 6 if trains_weights else 4
     if executed:
-        tokens = batch["rows"] * batch["padded_length"]
-        lengths = [batch["padded_length"]] * batch["rows"]
+        tokens = batch.get("positions", batch["rows"] * batch["padded_length"])
+        lengths = batch.get("attention_lengths", [batch["padded_length"]] * batch["rows"])
     else:
         tokens, lengths = batch["real_tokens"], batch["record_lengths"]
     output_positions = tokens if full_logits else batch["supervised_tokens"]
@@ -471,10 +508,13 @@ def run_mode(spec: dict) -> dict:
 
     from arguments import check_options, parse_args
     from chatglm3_finetune.tokenizer import load_tokenizer
-    from chatglm3_finetune.supervised_loss import supervised_lm_loss, use_supervised_loss
-    from finetune import build_collator, load_split, pack_dataset, setup_logging
+    from chatglm3_finetune.collation import build_collator
     from chatglm3_finetune.model_loading import load_for_training
-    from chatglm3_finetune.packing import pack_features
+    from chatglm3_finetune.packed_attention import packing_attention
+    from chatglm3_finetune.packing import PackedCollator, pack_features
+    from chatglm3_finetune.supervised_loss import use_supervised_loss
+    from chatglm3_finetune.training_data import load_split, max_sequence_length, pack_dataset
+    from finetune import setup_logging
     from trainer import ChatGLMTrainer
 
     if spec["threads"]:
@@ -488,22 +528,25 @@ def run_mode(spec: dict) -> dict:
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     train_dataset, _ = load_split(data_args.train_file, data_args.max_train_samples, tokenizer, data_args,
                                   training_args, "training")
-    if data_args.packing and spec.get("pack_length"):
-        train_dataset = datasets.Dataset.from_list(pack_features(list(train_dataset), spec["pack_length"]))
-    elif data_args.packing:
-        train_dataset = pack_dataset(train_dataset, data_args)
-    if spec.get("loss_chunk_size"):
-        supervised_lm_loss.__defaults__ = (None, spec["loss_chunk_size"], True)  # num_items, chunk_size, checkpoint
+    legacy = spec["mode"] == LEGACY_PACKING["mode"]
+    if legacy:  # rows as long as the cap, a dense 4D mask through plain sdpa
+        train_dataset = datasets.Dataset.from_list(pack_features(train_dataset.to_list(), max_sequence_length(data_args)))
+        collator = PackedCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
+    else:
+        if data_args.packing:
+            train_dataset = pack_dataset(train_dataset, data_args)
+            model_args.attn_implementation = packing_attention(model_args.attn_implementation)
+        collator = build_collator(tokenizer, data_args)
     model = load_for_training(model_args, training_args)
     if data_args.loss_on_targets_only:
-        use_supervised_loss(model)
-    collator = BatchRecorder(build_collator(tokenizer, data_args))
+        use_supervised_loss(model, data_args.loss_chunk_size)
+    collator = BatchRecorder(collator)
     cuda = training_args.device.type == "cuda"
     timer = step_timer(cuda)
     callbacks = [timer]
     if spec.get("profile"):
         callbacks.append(profiler_callback(spec["warmup_steps"], spec["steps"], cuda, spec["profile"]))
-    trainer = ChatGLMTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
+    trainer = recording_trainer(ChatGLMTrainer)(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                              processing_class=tokenizer, callbacks=callbacks)
 
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
@@ -521,10 +564,10 @@ def run_mode(spec: dict) -> dict:
 
     warmup, steps = spec["warmup_steps"], spec["steps"]
     marks = timer.marks[warmup:warmup + steps + 1]
-    batches = collator.batches[warmup:warmup + steps]
+    batches = trainer.batches[warmup:warmup + steps]
     if len(marks) != steps + 1 or len(batches) != steps:
         raise RuntimeError(f"expected {warmup + steps} steps, timed {len(timer.marks) - 1} and saw "
-                           f"{len(collator.batches)} batches")
+                           f"{len(trainer.batches)} batches")
     wall = marks[-1][0] - marks[0][0]
     cpu = marks[-1][1] - marks[0][1]
     shape = model_shape(model)
@@ -534,7 +577,7 @@ def run_mode(spec: dict) -> dict:
     executed = sum(batch_flops(shape, b, **method, executed=True) for b in batches)
     real = sum(b["real_tokens"] for b in batches)
     supervised = sum(b["supervised_tokens"] for b in batches)
-    positions = sum(b["rows"] * b["padded_length"] for b in batches)
+    positions = sum(b["positions"] for b in batches)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "mode": spec["mode"],
@@ -558,7 +601,7 @@ def run_mode(spec: dict) -> dict:
         "load_average": os.getloadavg()[0], "load_average_before": load_before,
         "threads": torch.get_num_threads(), "device": device, "dtype": spec["dtype"],
         "method": model_args.tuning_method, "model_shape": shape, "finetune_args": spec["argv"],
-        "what_if": {key: spec.get(key) for key in ("loss_chunk_size", "pack_length") if spec.get(key)},
+        "legacy_packing": spec["mode"] == LEGACY_PACKING["mode"],
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
     return result

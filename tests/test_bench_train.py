@@ -39,13 +39,13 @@ def test_bench_train_runs_modes_and_writes_sane_json(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--model", "tiny", "--data", "advertisegen",
          "--max-train-samples", "48", "--steps", "1", "--warmup-steps", "0", "--batch-size", "2",
-         "--modes", "reference", "dynamic", "packing", "--json", str(out), "--work-dir", str(tmp_path / "work")],
+         "--modes", "reference", "dynamic", "packing", "packing_4d_mask", "--json", str(out), "--work-dir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=240, cwd=str(ROOT))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "reference" in run.stdout and "MFU" in run.stdout  # the table
 
     rows = {row["mode"]: row for row in json.loads(out.read_text())}
-    assert list(rows) == ["reference", "dynamic", "packing"]
+    assert list(rows) == ["reference", "dynamic", "packing", "packing_4d_mask"]
     for row in rows.values():
         assert REQUIRED_KEYS <= row.keys(), row.keys()
         assert 0 < row["supervised_tokens_per_s"] < row["real_tokens_per_s"]
@@ -63,3 +63,9 @@ def test_bench_train_runs_modes_and_writes_sane_json(tmp_path):
     # Same model, seed and data order: padding to the cap and full logits leave the loss unchanged.
     assert reference["losses"][0] == pytest.approx(dynamic["losses"][0], rel=1e-5)
     assert "--pad_to_max_length" in reference["finetune_args"] and "--packing" in packing["finetune_args"]
+    # The packed path today: one padding-free row per batch, attention per record (HFU = MFU: nothing wasted);
+    # the round-1 path kept beside it pads rows and attends over each whole row.
+    legacy = rows["packing_4d_mask"]
+    assert packing["padding_fraction"] == 0 and packing["rows_per_step"][0] >= 1
+    assert packing["hfu"] == pytest.approx(packing["mfu"]) and legacy["hfu"] > legacy["mfu"]
+    assert legacy["legacy_packing"] and "1024" in legacy["finetune_args"]
