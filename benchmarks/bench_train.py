@@ -447,8 +447,11 @@ def model_shape(model) -> dict:
     output_ids = {id(p) for p in causal_lm.get_input_embeddings().parameters()} | {
         id(p) for p in causal_lm.get_output_embeddings().parameters()}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"params": sum(p.numel() for p in causal_lm.parameters()),
-            "body_params": sum(p.numel() for p in causal_lm.parameters() if id(p) not in output_ids),
+    def numel(p):  # a ZeRO-3 shard is empty; ds_numel is the whole parameter
+        return getattr(p, "ds_numel", p.numel())
+
+    return {"params": sum(numel(p) for p in causal_lm.parameters()),
+            "body_params": sum(numel(p) for p in causal_lm.parameters() if id(p) not in output_ids),
             "hidden": config.hidden_size, "layers": config.num_hidden_layers,
             "attn_dim": config.num_attention_heads * head_dim, "vocab": causal_lm.get_output_embeddings().out_features}
 
