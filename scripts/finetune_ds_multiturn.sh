@@ -29,6 +29,7 @@ DEV_BATCH_SIZE=${DEV_BATCH_SIZE:-16}
 GRAD_ACCUMULARION_STEPS=${GRAD_ACCUMULARION_STEPS:-${GRAD_ACCUMULATION_STEPS:-1}}
 LR=${LR:-1e-4}
 MAX_STEP=${MAX_STEP:-200}
+LOGGING_STEPS=${LOGGING_STEPS:-10}  # loss, tokens and speed every N optimizer steps (each log reads the device)
 SAVE_INTERVAL=${SAVE_INTERVAL:-50}
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-2048}
 DATASET_PATH=${DATASET_PATH:-formatted_data/tool_alpaca.jsonl}
@@ -55,7 +56,7 @@ CMD=(deepspeed "${LAUNCHER_ARGS[@]}" finetune.py
     --per_device_train_batch_size "$DEV_BATCH_SIZE"
     --gradient_accumulation_steps "$GRAD_ACCUMULARION_STEPS"
     --max_steps "$MAX_STEP"
-    --logging_steps 1
+    --logging_steps "$LOGGING_STEPS"
     --save_steps "$SAVE_INTERVAL"
     --learning_rate "$LR"
     --gradient_checkpointing

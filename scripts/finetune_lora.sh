@@ -28,6 +28,7 @@ DEV_BATCH_SIZE=${DEV_BATCH_SIZE:-1}
 GRAD_ACCUMULARION_STEPS=${GRAD_ACCUMULARION_STEPS:-${GRAD_ACCUMULATION_STEPS:-16}}
 LR=${LR:-2e-4}
 MAX_STEP=${MAX_STEP:-1000}
+LOGGING_STEPS=${LOGGING_STEPS:-10}  # loss, tokens and speed every N optimizer steps (each log reads the device)
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 LORA_RANK=${LORA_RANK:-8}
 LORA_ALPHA=${LORA_ALPHA:-32}
@@ -70,7 +71,7 @@ CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
     --per_device_train_batch_size "$DEV_BATCH_SIZE"
     --gradient_accumulation_steps "$GRAD_ACCUMULARION_STEPS"
     --max_steps "$MAX_STEP"
-    --logging_steps 1
+    --logging_steps "$LOGGING_STEPS"
     --save_steps "$SAVE_INTERVAL"
     --learning_rate "$LR"
     --lora_rank "$LORA_RANK"
