@@ -203,15 +203,24 @@ def optimizer_share(result: dict) -> float:
     return result["phase_seconds"]["optimizer"] / (result["step_time_s"] * len(result["step_times_s"]))
 
 
+def supervised_per_cpu_second(result: dict) -> float | None:
+    """Supervised tokens per CPU-second the process received: the speed to compare on a loaded machine."""
+    if result.get("cpu_use") is None:
+        return None
+    return result["supervised_tokens"] / (result["cpu_use"] * result["step_time_s"] * len(result["step_times_s"])
+                                          * result["threads"])
+
+
 def format_table(results: list[dict]) -> str:
     reference = next((r for r in results if r["mode"] == "reference"), None)
-    header = (f"{'mode':<20} {'real tok/s':>10} {'sup tok/s':>9} {'sup x ref':>9} {'padding':>8} {'step s':>7} "
+    header = (f"{'mode':<20} {'real tok/s':>10} {'sup tok/s':>9} {'sup/cpu-s':>9} {'sup x ref':>9} {'padding':>8} {'step s':>7} "
               f"{'peak MB':>8} {'MFU':>6} {'MFU cpu':>7} {'HFU':>6} {'optim':>6} {'peak GF/s':>9} {'CPU use':>7} {'load':>5}")
     lines = [header, "-" * len(header)]
     for r in results:
         ratio = f"{r['supervised_tokens_per_s'] / reference['supervised_tokens_per_s']:.2f}" if reference else "-"
         lines.append(
-            f"{r['mode']:<20} {r['real_tokens_per_s']:>10.0f} {r['supervised_tokens_per_s']:>9.1f} {ratio:>9} "
+            f"{r['mode']:<20} {r['real_tokens_per_s']:>10.0f} {r['supervised_tokens_per_s']:>9.1f} "
+            f"{supervised_per_cpu_second(r) or 0:>9.1f} {ratio:>9} "
             f"{r['padding_fraction']:>8.1%} {r['step_time_s']:>7.2f} {r['peak_mem_mb']:>8.0f} {percent(r['mfu']):>6} "
             f"{percent(r['mfu_cpu_time']):>7} {percent(r['hfu']):>6} {percent(optimizer_share(r)):>6} "
             f"{r['matmul_peak_flops'] / 1e9:>9.0f} "
@@ -220,7 +229,8 @@ def format_table(results: list[dict]) -> str:
 
 
 LEGEND = (
-    "sup x ref: supervised tokens/s over the reference mode's. MFU: useful model FLOPs per second over the "
+    "sup/cpu-s: supervised tokens per CPU-second the mode received (per thread-second x threads): the speed to "
+    "compare when other processes share the cores. sup x ref: supervised tokens/s over the reference mode's. MFU: useful model FLOPs per second over the "
     "matmul peak (peak GF/s, the faster of two measurements in the same process, before and after training). "
     "MFU cpu: the same per CPU-second the process received (useful FLOPs / CPU time over matmul FLOPs / CPU "
     "time): what MFU would be on an idle machine. HFU: executed FLOPs, padding included. optim: share of the "
@@ -263,6 +273,7 @@ def parse_args(argv=None):
                         help="torch.profiler over the timed steps: top operators in WORK_DIR/profile-MODE.txt "
                              "(its overhead makes the timings of that run incomparable)")
     parser.add_argument("--json", help="write the results here: a list with one object per mode")
+    parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of earlier --json files and exit")
     parser.add_argument("--work-dir", help="keep the data, model, logs and per-mode results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a child process measures one mode
     args = parser.parse_args(argv)
@@ -278,6 +289,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.table:
+        results = [row for path in args.table for row in json.loads(Path(path).read_text())]
+        print(format_table(results))
+        print(LEGEND)
+        return results
     if args.child:
         return [run_mode(json.loads(Path(args.child).read_text()))]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
