@@ -1,9 +1,10 @@
-"""Attention over packed rows at the cost of their records alone: `packed_sdpa`, one sdpa call per record.
+"""Attention over packed rows at the cost of their records alone: `packed_sdpa`, causal sdpa per record.
 
 A padding-free batch (`PackedCollator(padding_free=True)`: every record in one row, positions
 restarting at 0, `cu_seq_lens_q` marking where each record starts) reaches this attention function
 through transformers' attention interface. Each record's queries attend, with sdpa's causal
-kernel, to its own keys only: no (row length)^2 mask is built and no masked block is computed, on
+kernel, to its own keys only (records of similar length share one call, right-padded to the
+longest of them): no (row length)^2 mask is built and no block of another record is computed, on
 the CPU or the GPU. A P-Tuning prefix (keys the cache puts before the row's) stays visible to every
 record. Batches that carry an attention mask (evaluation, generation, padded batches) and rows
 without `cu_seq_lens_q` take transformers' own sdpa path, so a model loaded with
@@ -28,25 +29,65 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal
                                   is_causal=is_causal, **kwargs)[0]
 
 
-def _record_attention(module, query, key, value, prefix_len: int, dropout: float, scaling, **kwargs):
-    """Causal attention of one record [batch, heads, n, dim] over the prefix and its own keys."""
-    if not prefix_len:
+# Records of similar length are attended together, right-padded to the longest of their group: with
+# a causal mask a real query never reaches the padding after it, and one sdpa call per group beats
+# one per record (short records leave a kernel call mostly overhead). A group grows while its
+# padded size stays within MAX_GROUP_WASTE of its real tokens.
+MAX_GROUP_WASTE = 1.25
+
+
+class _Groups:
+    """How a padding-free row's records are gathered into padded groups, and put back in order."""
+
+    def __init__(self, bounds: list[int], device: torch.device):
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        self.groups = []  # (gather index [count * width], real-position mask [count * width], count, width)
+        placed = []
+        i = 0
+        while i < len(order):
+            width, members = lengths[order[i]], [order[i]]
+            while (i + len(members) < len(order) and (len(members) + 1) * width
+                   <= MAX_GROUP_WASTE * (sum(lengths[m] for m in members) + lengths[order[i + len(members)]])):
+                members.append(order[i + len(members)])
+            gather, real = [], []
+            for m in members:
+                gather += list(range(bounds[m], bounds[m + 1])) + [bounds[m]] * (width - lengths[m])
+                real += [True] * lengths[m] + [False] * (width - lengths[m])
+                placed += range(bounds[m], bounds[m + 1])
+            self.groups.append((torch.tensor(gather, device=device), torch.tensor(real, device=device),
+                                len(members), width))
+            i += len(members)
+        inverse = torch.empty(len(placed), dtype=torch.long)
+        inverse[torch.tensor(placed)] = torch.arange(len(placed))
+        self.restore = inverse.to(device)  # packed position -> index in the groups' concatenated output
+
+
+_last_groups: list = [None, None]  # (cu_seq_lens tensor, its _Groups): every layer reads the same one
+
+
+def _groups_for(cu_seq_lens: torch.Tensor, q_len: int) -> _Groups:
+    """The grouping of a batch, computed once: on a GPU reading cu_seq_lens waits for the device."""
+    if _last_groups[0] is not cu_seq_lens:
+        bounds = cu_seq_lens.tolist()
+        if bounds[0] != 0 or bounds[-1] != q_len:
+            raise ValueError(f"cu_seq_lens_q {bounds} does not cover the {q_len} tokens of the row")
+        _last_groups[:] = [cu_seq_lens, _Groups(bounds, cu_seq_lens.device)]
+    return _last_groups[1]
+
+
+def _group_attention(module, query, key, value, prefix, width: int, dropout: float, scaling, **kwargs):
+    """Causal attention of right-padded records [count, heads, width, dim] over the prefix and themselves."""
+    if prefix is None:
         return _sdpa(module, query, key, value, None, dropout, scaling, True, **kwargs)
-    n = query.shape[2]
+    prefix_len = prefix[0].shape[2]
+    count = query.shape[0]
+    key = torch.cat([prefix[0].expand(count, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix[1].expand(count, -1, -1, -1), value], dim=2)
     # The prefix columns, then the causal triangle: sdpa's own is_causal aligns top-left, which is wrong here.
-    allowed = torch.ones(n, prefix_len + n, dtype=torch.bool, device=query.device)
-    allowed[:, prefix_len:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    allowed = torch.ones(width, prefix_len + width, dtype=torch.bool, device=query.device)
+    allowed[:, prefix_len:] = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
     return _sdpa(module, query, key, value, allowed[None, None], dropout, scaling, False, **kwargs)
-
-
-_last_bounds: list = [None, None]  # (cu_seq_lens tensor, its list): every layer reads the same one
-
-
-def _record_bounds(cu_seq_lens: torch.Tensor) -> list[int]:
-    """cu_seq_lens as Python ints, read once per batch: on a GPU each read waits for the device."""
-    if _last_bounds[0] is not cu_seq_lens:
-        _last_bounds[:] = [cu_seq_lens, cu_seq_lens.tolist()]
-    return _last_bounds[1]
 
 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -60,25 +101,24 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, None, **kwargs), None
     q_len = query.shape[2]
     prefix_len = key.shape[2] - q_len
-    if cu_seq_lens_q is None:
-        bounds = [0, q_len]
-    else:
-        if query.shape[0] != 1:
-            raise ValueError(f"cu_seq_lens_q describes one padding-free row; the batch has {query.shape[0]} rows")
-        bounds = _record_bounds(cu_seq_lens_q)
-        if bounds[0] != 0 or bounds[-1] != q_len:
-            raise ValueError(f"cu_seq_lens_q {bounds} does not cover the {q_len} tokens of the row")
-    prefix = (key[:, :, :prefix_len], value[:, :, :prefix_len])
+    prefix = (key[:, :, :prefix_len], value[:, :, :prefix_len]) if prefix_len else None
+    if cu_seq_lens_q is None:  # one sequence per row
+        return _group_attention(module, query, key[:, :, prefix_len:], value[:, :, prefix_len:], prefix, q_len,
+                                dropout, scaling, **kwargs), None
+    if query.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q describes one padding-free row; the batch has {query.shape[0]} rows")
+    groups = _groups_for(cu_seq_lens_q, q_len)
+    key, value = key[0, :, prefix_len:], value[0, :, prefix_len:]
     outputs = []
-    for start, end in zip(bounds, bounds[1:]):
-        own = slice(prefix_len + start, prefix_len + end)
-        record_key, record_value = key[:, :, own], value[:, :, own]
-        if prefix_len:
-            record_key = torch.cat([prefix[0], record_key], dim=2)
-            record_value = torch.cat([prefix[1], record_value], dim=2)
-        outputs.append(_record_attention(module, query[:, :, start:end], record_key, record_value, prefix_len,
-                                         dropout, scaling, **kwargs))
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+    for gather, real, count, width in groups.groups:
+        def padded(states):  # [heads, q, dim] -> [count, heads, width, dim]
+            return states.index_select(1, gather).unflatten(1, (count, width)).transpose(0, 1)
+
+        out = _group_attention(module, padded(query[0]), padded(key), padded(value), prefix, width, dropout,
+                               scaling, **kwargs)  # [count, width, heads, dim]
+        outputs.append(out.flatten(0, 1)[real])
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return output.index_select(0, groups.restore).unsqueeze(0), None
 
 
 def packed_sdpa_mask(*args, attention_mask=None, **kwargs):
