@@ -223,6 +223,6 @@ def load_for_training(model_args, training_args):
     if method == "ptuning":
         return add_prefix_tuning(model, model_args, model_args.model_name_or_path)
     if method == "lora":
-        return add_lora(model, model_args, training_args.gradient_checkpointing,
-                        training_args.gradient_checkpointing_kwargs)
+        return add_lora(model, model_args, training_args.activation_checkpointing,
+                        training_args.activation_checkpointing_kwargs)
     return model
