@@ -217,13 +217,17 @@ def test_the_python_is_found_without_path(tmp_path):
 # Two records in a batch of two, no prefix dropout: every step sees the same batch, so the loss
 # must fall. The input-output run stops after 3 steps and is rerun to 6 in the same OUTPUT_DIR.
 
+def tiny_run(base_dir, data_path, output_dir, cache_dir, **overrides) -> dict:
+    """The launcher variables of a few P-Tuning steps of the tiny model on the CPU."""
+    return {**dict(USE_CPU=1, BASE_MODEL_PATH=base_dir, DATASET_PATH=data_path, OUTPUT_DIR=output_dir,
+                   SAVE_INTERVAL=3, LOGGING_STEPS=1, LR="0.05", PRE_SEQ_LEN=4, DEV_BATCH_SIZE=2,
+                   GRAD_ACCUMULARION_STEPS=1, MAX_SEQ_LEN=1024, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64,
+                   EXTRA_ARGS=f"--report_to none --prefix_dropout 0 --max_train_samples 2 --disable_tqdm true "
+                              f"--preprocessing_cache_dir {cache_dir}"), **overrides}
+
+
 def train_tiny(name, base_dir, data_path, output_dir, cache_dir, max_step):
-    result = run_launcher(
-        name, USE_CPU=1, BASE_MODEL_PATH=base_dir, DATASET_PATH=data_path, OUTPUT_DIR=output_dir,
-        MAX_STEP=max_step, SAVE_INTERVAL=3, LOGGING_STEPS=1, LR="0.05", PRE_SEQ_LEN=4, DEV_BATCH_SIZE=2, GRAD_ACCUMULARION_STEPS=1,
-        MAX_SEQ_LEN=1024, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64,
-        EXTRA_ARGS=f"--report_to none --prefix_dropout 0 --max_train_samples 2 --disable_tqdm true "
-                   f"--preprocessing_cache_dir {cache_dir}")
+    result = run_launcher(name, **tiny_run(base_dir, data_path, output_dir, cache_dir, MAX_STEP=max_step))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -307,3 +311,106 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     loaded = model.base_model.state_dict()
     assert base_tensors.keys() <= loaded.keys()
     assert all(torch.equal(loaded[key], tensor) for key, tensor in base_tensors.items())
+
+
+# ---- how the processes start, end and fail ---------------------------------------------------------
+
+def losses_of(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_gpus", (1, 2))
+def test_an_error_is_the_last_line_and_its_exit_code_the_launchers(num_gpus, tmp_path, formatted_data):
+    missing = tmp_path / "no-model"
+    result = run_launcher("finetune_pt.sh", USE_CPU=1, NUM_GPUS=num_gpus, BASE_MODEL_PATH=missing,
+                          DATASET_PATH=formatted_data["input-output"], OUTPUT_DIR=tmp_path / "run")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: --model_name_or_path {missing}: no such folder"), result.stdout[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr and "ChildFailedError" not in result.stdout + result.stderr
+    assert (tmp_path / "run" / "train.log").read_text().strip().endswith(last_line)
+    launcher = result.stderr.splitlines()[0]
+    assert launcher.startswith(f"+ {PYTHON} finetune.py" if num_gpus == 1 else f"+ {PYTHON} -m chatglm3_finetune")
+
+
+def processes_with(marker: str) -> list[int]:
+    """The ids of the processes whose environment holds marker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+WORKER = """
+import os, sys, time
+open(os.path.join(sys.argv[1], f"worker-{os.environ['RANK']}"), "w").close()
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_no_worker_outlives_a_killed_launcher(tmp_path):
+    """kill -9 of the launcher's process group while two workers run: no worker is left. torchrun
+    starts each worker in a session of its own, out of the group's reach; these workers print
+    nothing and talk to nobody, so only dying with their launcher can end them."""
+    import signal
+    import time
+    import uuid
+
+    marker = f"LAUNCHER_TEST_MARKER={uuid.uuid4().hex}"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launcher = subprocess.Popen([*LAUNCH_WORKERS, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+                                env=launcher_env(**dict([marker.split("=")])), cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+            assert launcher.poll() is None
+            time.sleep(0.2)
+        workers = [pid for pid in processes_with(marker) if pid != launcher.pid]
+        assert len(workers) == 2 and all(os.getsid(pid) == pid for pid in workers)  # sessions of their own
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with(marker) == []
+    finally:
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_as_one_process_with_the_same_global_batch(tiny_model_dir, formatted_data, tmp_path):
+    """Two "nodes" of one CPU process each (torchrun, static rendezvous on localhost, gloo) and one
+    process with their two records in one batch log the same losses."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = formatted_data["multi-turn"]
+    nodes = [subprocess.Popen(["bash", str(ROOT / "scripts" / "finetune_pt_multiturn.sh")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=launcher_env(**tiny_run(tiny_model_dir, data, tmp_path / "nodes", tmp_path / f"c{rank}",
+                                                          MAX_STEP=3, DEV_BATCH_SIZE=1, NNODES=2, NODE_RANK=rank,
+                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port)))
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    single = run_launcher("finetune_pt_multiturn.sh",
+                          **tiny_run(tiny_model_dir, data, tmp_path / "single", tmp_path / "c", MAX_STEP=3))
+    assert single.returncode == 0, single.stdout[-3000:]
+    two_nodes, one_process = losses_of(tmp_path / "nodes"), losses_of(tmp_path / "single")
+    assert len(two_nodes) == len(one_process) == 3
+    assert two_nodes == pytest.approx(one_process, rel=1e-4), (two_nodes, one_process)
+    assert one_process[-1] < one_process[0]
