@@ -348,11 +348,48 @@ def processes_with(marker: str) -> list[int]:
 
 
 WORKER = """
-import os, sys, time
+import os, signal, sys, time
+
+def stop(signum, frame):
+    open(os.path.join(sys.argv[1], f"stopped-{os.environ['RANK']}"), "w").close()
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
 open(os.path.join(sys.argv[1], f"worker-{os.environ['RANK']}"), "w").close()
 while True:
     time.sleep(0.1)
 """
+
+
+def start_workers(folder: Path, marker: str = "LAUNCHER_TEST_MARKER=1") -> subprocess.Popen:
+    """launch_workers with two WORKER processes, in a process group of its own, once both run."""
+    import time
+
+    script = folder / "worker.py"
+    script.write_text(WORKER)
+    launcher = subprocess.Popen([*LAUNCH_WORKERS, "--standalone", "--nproc_per_node=2", str(script), str(folder)],
+                                env=launcher_env(**dict([marker.split("=")])), cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(folder.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.stdout.read()
+        time.sleep(0.2)
+    return launcher
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_cleanly(tmp_path):
+    """Ctrl-C (SIGINT to the foreground process group, which does not hold the workers): the launcher
+    passes the signal on to the workers, waits for them to stop and exits 130 without a traceback."""
+    import signal
+
+    launcher = start_workers(tmp_path)
+    os.killpg(launcher.pid, signal.SIGINT)
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 130, output
+    assert "Traceback" not in output, output
+    assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0", "stopped-1"]
 
 
 @pytest.mark.slow
@@ -366,16 +403,8 @@ def test_no_worker_outlives_a_killed_launcher(tmp_path):
     import uuid
 
     marker = f"LAUNCHER_TEST_MARKER={uuid.uuid4().hex}"
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    launcher = subprocess.Popen([*LAUNCH_WORKERS, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                                env=launcher_env(**dict([marker.split("=")])), cwd=ROOT, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = start_workers(tmp_path, marker)
     try:
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("worker-*"))) < 2 and time.monotonic() < deadline:
-            assert launcher.poll() is None
-            time.sleep(0.2)
         workers = [pid for pid in processes_with(marker) if pid != launcher.pid]
         assert len(workers) == 2 and all(os.getsid(pid) == pid for pid in workers)  # sessions of their own
         os.killpg(launcher.pid, signal.SIGKILL)
