@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat.add_argument("--tools", help="JSON file with a list of tools, rendered into the system prompt as in training")
     chat.add_argument("--prompt", help="answer this one message and exit")
     files = parser.add_argument_group("files")
-    files.add_argument("--input", help="data file (.json list or .jsonl) of prompt/response or conversation records")
+    files.add_argument("--input", help="data (.jsonl, .json, .parquet or a datasets folder) in any training format: "
+                                       "prompt/response, conversations, OpenAI messages, ShareGPT or Alpaca")
+    files.add_argument("--split", help="the split of an --input dataset folder that holds several")
     files.add_argument("--output", help="where --input's predictions go (JSON lines)")
     files.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     files.add_argument("--max-source-length", type=int, default=1024,
@@ -268,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise DataError("--output must not be the --input file")
-            train_format, records = read_eval_records(args.input)
+            data = read_eval_records(args.input, args.split)
+            print(data.describe(args.input), file=sys.stderr, flush=True)
+            train_format, records = data.record_format, [record for _, record in data.records]
         from chatglm3_finetune.chat_engine import load_chat_model
 
         chat = load_chat_model(args.model, args.tokenizer, args.pt_checkpoint, args.pt_pre_seq_len, args.lora,
