@@ -43,7 +43,7 @@ def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index
         lost_stop=sum(e.lost_stop for e in encoded),
     )
     chosen = encoded[index]
-    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [data.describe(path), report.summary()]
+    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [data.describe(), report.summary()]
 
 
 def main(argv: list[str] | None = None) -> int:

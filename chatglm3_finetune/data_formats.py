@@ -41,8 +41,12 @@ class LoadedData:
     source_format: str  # what the data held
     how: str  # how source_format was chosen, and why it became record_format when the data decided
 
-    def describe(self, path: str) -> str:
-        return (f"{path}: {len(self.records)} {self.source_format} records ({self.how}), "
+    def describe(self) -> str:
+        """One line saying what was read, e.g. `folder/train: 3 openai records (recognised from the
+        first record), read as multi-turn records`."""
+        first = self.records[0][0]  # `file:LINE` or `file[INDEX]`: the source is what comes before
+        source = first[:first.rindex("[")] if first.endswith("]") else first[:first.rindex(":")]
+        return (f"{source}: {len(self.records)} {self.source_format} records ({self.how}), "
                 f"read as {self.record_format} records")
 
 

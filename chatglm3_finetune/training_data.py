@@ -144,7 +144,7 @@ def read_and_validate(path: str, data_args, max_samples: int | None, split: str 
     this project's records; what they became is recorded on `data_args` (see record_format_of)."""
     data = load_data(path, data_args.train_format, split, split_flag)
     settle_record_format(data_args, data, path)
-    logger.info("%s", data.describe(path))
+    logger.info("%s", data.describe())
     return data.records[:max_samples] if max_samples else data.records
 
 

@@ -11,6 +11,7 @@ from chatglm3_finetune.data_formats import load_data, record_format_of, settle_r
 from chatglm3_finetune.encoding import LengthLimits, encode_multi_turn, encode_prompt_response
 from chatglm3_finetune.evaluation import GenerationEval, build_eval_items
 from chatglm3_finetune.records import ALPACA, AUTO, INPUT_OUTPUT, MULTI_TURN, OPENAI, SHAREGPT, DataError
+from chatglm3_finetune.tokenizer import load_tokenizer
 from chatglm3_finetune.training_data import length_limits
 from preprocess_utils import preview
 from test_preprocess_utils import (
@@ -168,16 +169,16 @@ def test_one_alpaca_record_with_history_makes_the_whole_file_conversations(tmp_p
                        {"instruction": "Again", "output": "Hi", "history": [["Say hi", "Hi"]]})
     data = load_data(path, ALPACA)
     assert data.record_format == MULTI_TURN
-    assert f"as conversations because {path}:2 has a system or history" in data.describe(path)
+    assert f"as conversations because {path}:2 has a system or history" in data.describe()
     assert data.records[0][1] == {"conversations": [{"role": "user", "content": "Say hi"},
                                                     {"role": "assistant", "content": "Hi"}]}
 
 
 def test_auto_says_what_it_recognised(tmp_path):
     path = write_jsonl(tmp_path, "o.jsonl", CASES["system"][1][OPENAI])
-    assert load_data(path, AUTO).describe(path) == (
+    assert load_data(path, AUTO).describe() == (
         f"{path}: 1 openai records (recognised from the first record), read as multi-turn records")
-    assert "(as --train_format says)" in load_data(path, OPENAI).describe(path)
+    assert "(as --train_format says)" in load_data(path, OPENAI).describe()
 
 
 # ---- bad input: one test per error -----------------------------------------------------------------
@@ -444,7 +445,7 @@ def test_the_preview_command_reads_a_dataset_folder_split(real_tokenizer, tmp_pa
     lines = result.stdout.splitlines()
     expected = encode_prompt_response(real_tokenizer, {"prompt": "Say hi\nBob", "response": "Hi"})
     assert len(lines) == len(expected.input_ids) + 4 and lines[1] == "'[gMASK]':  64790 ->   -100"
-    assert lines[-2] == (f"{tmp_path / 'd'}: 2 alpaca records (recognised from the first record), read as "
+    assert lines[-2] == (f"{tmp_path / 'd' / 'test'}: 2 alpaca records (recognised from the first record), read as "
                          f"input-output records")
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -463,3 +464,31 @@ def test_generation_eval_reads_openai_validation_data_like_conversations(tiny_to
     expected = build_eval_items(tiny_tokenizer, [reference], MULTI_TURN)
     assert [(i.role, i.prompt_ids, i.reference, i.expected_call) for i in generation.items] == [
         (i.role, i.prompt_ids, i.reference, i.expected_call) for i in expected]
+
+
+@pytest.mark.slow
+def test_finetune_trains_on_a_dataset_folder_of_openai_records(tiny_model_dir, tmp_path):
+    import datasets
+
+    from conftest import run_finetune
+
+    table = datasets.Dataset.from_list(OPENAI_RECORDS)
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "chats"))
+    result = run_finetune(
+        "--model_name_or_path", tiny_model_dir, "--train_format", "auto", "--train_file", str(tmp_path / "chats"),
+        "--train_split", "train", "--validation_file", str(tmp_path / "chats"), "--validation_split", "test",
+        "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none",
+        "--pre_seq_len", "2", "--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "3",
+        "--preprocessing_cache_dir", str(tmp_path / "cache"))
+    assert (f"{tmp_path / 'chats' / 'train'}: 3 openai records (recognised from the first record), read as "
+            f"multi-turn records") in result.stdout
+    assert f"{tmp_path / 'chats' / 'test'}: 1 openai records" in result.stdout
+    expected = encode_multi_turn(load_tokenizer(tiny_model_dir), CASES["thought, tool call, result, answer"][0])
+    sanity = result.stdout[result.stdout.index("Sanity Check >>>"):result.stdout.index("<<<<<<<<<<<<< Sanity Check")]
+    assert len(sanity.splitlines()) == 1 + len(expected.input_ids)
+    metrics = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert metrics["train_records"] == 3
+    assert metrics["train_supervised_tokens"] == sum(
+        sum(label != X for label in encode_multi_turn(load_tokenizer(tiny_model_dir), record).labels)
+        for _, record in load_data(str(tmp_path / "chats"), AUTO, "train").records)
+    assert "eval_loss" in json.loads((tmp_path / "out" / "eval_results.json").read_text())

@@ -456,6 +456,38 @@ def test_file_mode_conversations_score_tool_calls(monkeypatch, capsys, tmp_path,
     assert metrics["rouge-l"] == 100.0 and metrics["num_plain_turns"] == 2
 
 
+def test_file_mode_scores_tool_calls_of_openai_messages(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                        full_checkpoint):
+    """WEATHER and GREETING written as OpenAI chat messages (tools, tool_calls with JSON-string
+    arguments, a tool result by tool_call_id) are scored exactly as the conversations are."""
+    weather = {"tools": [{"type": "function", "function": TOOLS[0]}], "messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."}]}
+    greeting = {"messages": [{"role": "user", "content": "Hello"},
+                             {"role": "assistant", "content": "Hello! How can I help you today?"}]}
+    data = tmp_path / "openai.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (weather, greeting)))
+    output = tmp_path / "openai.pred.jsonl"
+    code, _, err = run_cli(monkeypatch, capsys, ["--tokenizer", tiny_model_dir, "--model", full_checkpoint,
+                                                 "--input", str(data), "--output", str(output)])
+    assert code == 0, err
+    assert f"{data}: 2 openai records (recognised from the first record), read as multi-turn records" in err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    # the rows hold the records as read: tool results are text, as OpenAI messages have them
+    as_read = dict(WEATHER, conversations=[dict(turn, observation=json.dumps(turn["observation"])) if "observation" in turn
+                                           else turn for turn in WEATHER["conversations"]])
+    assert [{k: v for k, v in row.items() if k != "prediction"} for row in rows] == [as_read, GREETING]
+    assert [p["role"] for p in rows[0]["prediction"]] == ["tool", "assistant"]
+    assert rows[0]["prediction"][0]["tool_call"] == {"name": "get_weather", "parameters": {"city": "Paris"}}
+    metrics = json.loads(output.with_name("openai.pred.jsonl.metrics.json").read_text())
+    assert metrics["tool_name_accuracy"] == metrics["parameters_exact_match"] == 100.0
+    assert metrics["num_expected_calls"] == 1 and metrics["num_unexpected_calls"] == 0
+    assert metrics["rouge-l"] == 100.0 and metrics["num_plain_turns"] == 2
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_model_dir, pt_checkpoint,
