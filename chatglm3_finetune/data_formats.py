@@ -238,7 +238,9 @@ def openai_record(record: dict) -> tuple[dict, list[str], str]:
     index = 0
     while index < len(messages):
         message, field = messages[index], f"messages[{index}]"
-        role = _openai_role(message, field)
+        role = _role(message, field, "role", OPENAI_ROLES)
+        if message.get("function_call") is not None:
+            raise FormatProblem(f"{field}.function_call: the legacy form; write the call in 'tool_calls'")
         loss = _loss_flag(message, field, trained=role == "assistant")
         if role == "tool":
             raise FormatProblem(f"{field}: a 'tool' message must follow the assistant message whose tool_calls "
@@ -263,16 +265,15 @@ def openai_record(record: dict) -> tuple[dict, list[str], str]:
     return _record(_tools(record.get("tools"), "tools"), turns), role_fields, "messages"
 
 
-def _openai_role(message, field: str) -> str:
-    if not isinstance(message, dict):
-        raise FormatProblem(f"{field}: a message must be an object, found {json_type(message)}")
-    if "role" not in message:
-        raise FormatProblem(f"{field}.role: missing")
-    if message["role"] not in OPENAI_ROLES:
-        raise FormatProblem(f"{field}.role: {message['role']!r} is not one of {', '.join(OPENAI_ROLES)}")
-    if message.get("function_call") is not None:
-        raise FormatProblem(f"{field}.function_call: the legacy form; write the call in 'tool_calls'")
-    return message["role"]
+def _role(turn, field: str, key: str, roles) -> str:
+    """turn[key] (the role: "role" or "from"), checked to be one of `roles`."""
+    if not isinstance(turn, dict):
+        raise FormatProblem(f"{field}: a turn must be an object, found {json_type(turn)}")
+    if key not in turn:
+        raise FormatProblem(f"{field}.{key}: missing")
+    if turn[key] not in roles:
+        raise FormatProblem(f"{field}.{key}: {turn[key]!r} is not one of {', '.join(roles)}")
+    return turn[key]
 
 
 def _openai_content(message: dict, field: str, required: bool = True) -> str:
@@ -361,7 +362,7 @@ def sharegpt_record(record: dict) -> tuple[dict, list[str], str]:
     index = 0
     while index < len(source):
         turn, field = source[index], f"conversations[{index}]"
-        role = _sharegpt_role(turn, field)
+        role = SHAREGPT_ROLES[_role(turn, field, "from", SHAREGPT_ROLES)]
         loss = _loss_flag(turn, field, trained=role in ("assistant", "tool"))
         value = _text(turn, "value", field)
         if role == "observation":
@@ -381,16 +382,6 @@ def sharegpt_record(record: dict) -> tuple[dict, list[str], str]:
             index += 1
         role_fields.append(f"{field}.from")
     return _record(_tools(record.get("tools"), "tools"), turns), role_fields, "conversations"
-
-
-def _sharegpt_role(turn, field: str) -> str:
-    if not isinstance(turn, dict):
-        raise FormatProblem(f"{field}: a turn must be an object, found {json_type(turn)}")
-    if "from" not in turn:
-        raise FormatProblem(f"{field}.from: missing")
-    if turn["from"] not in SHAREGPT_ROLES:
-        raise FormatProblem(f"{field}.from: {turn['from']!r} is not one of {', '.join(SHAREGPT_ROLES)}")
-    return SHAREGPT_ROLES[turn["from"]]
 
 
 def _sharegpt_call(value: str, field: str) -> tuple[str, dict]:

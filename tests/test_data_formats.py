@@ -215,7 +215,7 @@ BAD = [
     (OPENAI, {"message": []}, "messages: missing"),
     (OPENAI, {"messages": {"role": "user"}}, "messages: must be a list of turns, found an object"),
     (OPENAI, messages(), "messages: the list is empty"),
-    (OPENAI, messages(U, "Hello"), "messages[1]: a message must be an object, found a string"),
+    (OPENAI, messages(U, "Hello"), "messages[1]: a turn must be an object, found a string"),
     (OPENAI, messages(U, {"content": "x"}), "messages[1].role: missing"),
     (OPENAI, messages(U, {"role": "bot", "content": "x"}),
      "messages[1].role: 'bot' is not one of system, developer, user, assistant, tool"),
@@ -260,6 +260,7 @@ BAD = [
     # ShareGPT
     (SHAREGPT, {"conversation": [H, G]}, "conversations: missing"),
     (SHAREGPT, sharegpt(H, {"value": "x"}), "conversations[1].from: missing"),
+    (SHAREGPT, sharegpt(H, ["gpt", "Hello"]), "conversations[1]: a turn must be an object, found a list"),
     (SHAREGPT, sharegpt(H, {"from": "bot", "value": "x"}),
      "conversations[1].from: 'bot' is not one of system, human, user, gpt, assistant, function_call, observation"),
     (SHAREGPT, sharegpt(H, {"from": "gpt"}), "conversations[1].value: missing"),
