@@ -414,7 +414,7 @@ def alpaca_record(record: dict, as_chat: bool) -> tuple[dict, list[str] | None, 
     prompt is the instruction, plus a newline and the input when there is one), or with `as_chat`
     a multi-turn one: system, the history's [question, answer] pairs, the prompt, the output."""
     instruction, output = _text(record, "instruction"), _text(record, "output")
-    extra = record.get("input", "")
+    extra = _optional(record, "input", "")
     if not isinstance(extra, str):
         raise FormatProblem(f"input: must be a string, found {json_type(extra)}")
     prompt = "\n".join(part for part in (instruction, extra) if part)
@@ -422,11 +422,11 @@ def alpaca_record(record: dict, as_chat: bool) -> tuple[dict, list[str] | None, 
         raise FormatProblem("instruction: empty, and no input: the record has no prompt")
     if not as_chat:
         return {"prompt": prompt, "response": output}, None, None
-    system = record.get("system", "")
+    system = _optional(record, "system", "")
     if not isinstance(system, str):
         raise FormatProblem(f"system: must be a string, found {json_type(system)}")
     turns, role_fields = ([{"role": "system", "content": system}], ["system"]) if system else ([], [])
-    history = record.get("history", [])
+    history = _optional(record, "history", [])
     if not isinstance(history, list):
         raise FormatProblem(f"history: must be a list of [question, answer] pairs, found {json_type(history)}")
     for i, pair in enumerate(history):
@@ -437,6 +437,12 @@ def alpaca_record(record: dict, as_chat: bool) -> tuple[dict, list[str] | None, 
         role_fields += [f"history[{i}]", f"history[{i}]"]
     turns += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     return {"conversations": turns}, role_fields + ["instruction", "output"], "alpaca"
+
+
+def _optional(record: dict, key: str, default):
+    """An optional field; null counts as absent (published Alpaca files write `"input": null`)."""
+    value = record.get(key)
+    return default if value is None else value
 
 
 # ---- the format a run's data became -----------------------------------------------------------------

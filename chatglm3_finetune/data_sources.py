@@ -60,18 +60,19 @@ def _read_dataset_folder(path: str, split: str | None, split_flag: str) -> list[
 def _located_rows(where: str, rows: list[dict]) -> list[tuple[str, object]]:
     if not rows:
         raise DataError(f"{where}: the data holds no records")
-    return [(f"{where}[{i}]", without_nulls(row)) for i, row in enumerate(rows)]
+    return [(f"{where}[{i}]", from_columns(row)) for i, row in enumerate(rows)]
 
 
-def without_nulls(value):
-    """`value` with every null object field left out, at every depth.
+def from_columns(value):
+    """A row of a columnar file as a JSON record: null object fields left out, at every depth, and
+    values JSON has no type for (timestamps, bytes, ...) as text.
 
     A columnar file gives every row every field its column type has (a user message gets
     `tool_calls: null`, a tool call's parameters get the keys of every other call's), so a
     null field there means "absent", and is read as such.
     """
     if isinstance(value, dict):
-        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+        return {key: from_columns(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):
-        return [without_nulls(item) for item in value]
-    return value
+        return [from_columns(item) for item in value]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)

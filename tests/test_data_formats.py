@@ -12,7 +12,7 @@ from chatglm3_finetune.encoding import LengthLimits, encode_multi_turn, encode_p
 from chatglm3_finetune.evaluation import GenerationEval, build_eval_items
 from chatglm3_finetune.records import ALPACA, AUTO, INPUT_OUTPUT, MULTI_TURN, OPENAI, SHAREGPT, DataError
 from chatglm3_finetune.tokenizer import load_tokenizer
-from chatglm3_finetune.training_data import length_limits
+from chatglm3_finetune.training_data import length_limits, tokenize_records
 from preprocess_utils import preview
 from test_preprocess_utils import (
     ASSISTANT, EOS, GMASK, NEED_TOOL, NL, OBSERVATION, SOP, SUNNY, SYSTEM, SYSTEM_TEXT, TEMP_JSON, TOOL_CALL, USER,
@@ -154,12 +154,14 @@ def test_an_openai_tool_call_has_the_exact_chatglm3_layout(real_tokenizer, tmp_p
 def test_plain_alpaca_is_prompt_response_with_the_input_on_a_new_line(real_tokenizer, tmp_path):
     records = [{"instruction": "Translate", "input": "Bonjour", "output": "Hello"},
                {"instruction": "Say hi", "output": "Hi"},
-               {"instruction": "", "input": "Only input", "output": "Ok"}]
+               {"instruction": "", "input": "Only input", "output": "Ok"},
+               {"instruction": "Say hi", "input": None, "output": "Hi", "system": None, "history": None}]
     data = load_data(write_jsonl(tmp_path, "a.jsonl", *records), AUTO)
     assert (data.source_format, data.record_format) == (ALPACA, INPUT_OUTPUT)
     assert [record for _, record in data.records] == [{"prompt": "Translate\nBonjour", "response": "Hello"},
                                                       {"prompt": "Say hi", "response": "Hi"},
-                                                      {"prompt": "Only input", "response": "Ok"}]
+                                                      {"prompt": "Only input", "response": "Ok"},
+                                                      {"prompt": "Say hi", "response": "Hi"}]
     expected = encode_prompt_response(real_tokenizer, {"prompt": "Translate\nBonjour", "response": "Hello"})
     assert encode_prompt_response(real_tokenizer, data.records[0][1]).input_ids == expected.input_ids
 
@@ -291,6 +293,7 @@ BAD = [
     (ALPACA, {"output": "Hi"}, "instruction: missing"),
     (ALPACA, alpaca(output=["Hi", "Hello"]), "output: must be a string, found a list"),
     (ALPACA, alpaca(input=3), "input: must be a string, found a number"),
+    (ALPACA, {"instruction": None, "output": "Hi"}, "instruction: must be a string, found null"),
     (ALPACA, alpaca(instruction="", input=""), "instruction: empty, and no input: the record has no prompt"),
     (ALPACA, alpaca(system={"text": "s"}), "system: must be a string, found an object"),
     (ALPACA, alpaca(history="Hi"), "history: must be a list of [question, answer] pairs, found a string"),
@@ -370,6 +373,8 @@ def test_parquet_and_dataset_folders_read_like_json_lines(tmp_path):
 
 
 def test_multi_turn_records_in_parquet_lose_the_nulls_the_table_adds(tmp_path, tiny_tokenizer):
+    import datetime
+
     import datasets
 
     records = [{"conversations": [{"role": "user", "content": "Hi"},
@@ -377,9 +382,12 @@ def test_multi_turn_records_in_parquet_lose_the_nulls_the_table_adds(tmp_path, t
                                   {"role": "assistant", "content": "Hello", "loss": False}]},
                {"conversations": [{"role": "user", "content": "Hi"},
                                   {"role": "tool", "name": "w", "parameters": {"days": 2}, "observation": "y"}]}]
-    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "m.parquet"))
+    created = datetime.datetime(2026, 11, 30, 12, 0)
+    datasets.Dataset.from_list([dict(r, created=created) for r in records]).to_parquet(str(tmp_path / "m.parquet"))
     data = load_data(str(tmp_path / "m.parquet"), MULTI_TURN)
-    assert [record for _, record in data.records] == records
+    assert [record for _, record in data.records] == [dict(r, created=str(created)) for r in records]
+    dataset, _ = tokenize_records(tiny_tokenizer, data.records, MULTI_TURN, LengthLimits())  # JSON all through
+    assert dataset["input_ids"] == [encode_multi_turn(tiny_tokenizer, r).input_ids for r in records]
 
 
 def test_source_errors(tmp_path):
