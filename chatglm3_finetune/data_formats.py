@@ -82,9 +82,8 @@ def load_data(path: str, train_format: str, split: str | None = None, split_flag
     if source_format in RECORD_FORMATS:
         validate_records(located, source_format)
         return LoadedData(located, source_format, source_format, how)
-    record_format = FIXED_RECORD_FORMAT.get(source_format)
+    record_format = FIXED_RECORD_FORMAT.get(source_format, INPUT_OUTPUT)  # alpaca: unless a record is a chat
     if source_format == ALPACA:
-        record_format = INPUT_OUTPUT
         chat = next((where for where, record in located if alpaca_as_chat(record)), None)
         if chat is not None:
             record_format = MULTI_TURN
@@ -404,9 +403,9 @@ def _sharegpt_call(value: str, field: str) -> tuple[str, dict]:
 
 # ---- Alpaca ----------------------------------------------------------------------------------------
 
-def alpaca_as_chat(record) -> bool:
+def alpaca_as_chat(record: dict) -> bool:
     """An Alpaca record with a system text or a history is a conversation; then the whole file is."""
-    return isinstance(record, dict) and bool(record.get("system") or record.get("history"))
+    return bool(record.get("system") or record.get("history"))
 
 
 def alpaca_record(record: dict, as_chat: bool) -> tuple[dict, list[str] | None, str | None]:
