@@ -8,7 +8,8 @@
 #   GRAD_ACCUMULATION_STEPS works too), LR, MAX_STEP, SAVE_INTERVAL, MAX_SEQ_LEN (multi-turn) or
 #   MAX_SOURCE_LEN/MAX_TARGET_LEN (input-output), PRE_SEQ_LEN (P-Tuning), DS_CONFIG (DeepSpeed)
 #   LOGGING_STEPS    log the loss every N steps (default 10)
-#   SAVE_EVERY_MINUTES  also save a checkpoint every M minutes (finetune.py --save_every_minutes)
+#   SAVE_EVERY_MINUTES  also save a checkpoint every M minutes (finetune.py --save_every_minutes;
+#                    30 by default where finetune.py has that flag, 0 turns it off)
 #   OUTPUT_DIR       default output/RUN_NAME-DATESTR-...; rerun with the same OUTPUT_DIR to resume
 #                    (finetune.py continues from its newest checkpoint; train.log is appended to)
 #   USE_CPU=1        train on the CPU; PRECISION=bf16|fp16|fp32|auto (auto: fp32 on the CPU, else
@@ -156,7 +157,9 @@ launch_finetune() {
         multi-turn) length_args=(--max_seq_length "$MAX_SEQ_LEN") ;;
         *) fail "FORMAT must be input-output or multi-turn, got '$format'" ;;
     esac
-    if [ -n "${SAVE_EVERY_MINUTES:-}" ]; then method_args+=(--save_every_minutes "$SAVE_EVERY_MINUTES"); fi
+    # Time-based checkpoints wherever this finetune.py has them (--save_every_minutes); 0 turns them off.
+    if grep -rqs save_every_minutes arguments.py chatglm3_finetune; then defaults SAVE_EVERY_MINUTES=30; fi
+    if [ "${SAVE_EVERY_MINUTES:-0}" != 0 ]; then method_args+=(--save_every_minutes "$SAVE_EVERY_MINUTES"); fi
     defaults OUTPUT_DIR="output/$RUN_NAME-$DATESTR-$suffix"
     set_device_args
     set_extra_args

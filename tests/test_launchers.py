@@ -80,8 +80,8 @@ def test_every_launcher_passes_its_learning_rate_and_current_flags(name):
     assert flag_value(command, "--logging_steps") == "10"
     assert flag_value(command, "--ddp_find_unused_parameters") == "false"
     assert flag_value(dry_run(name, LOGGING_STEPS=1), "--logging_steps") == "1"
-    assert "--save_every_minutes" not in command
-    assert flag_value(dry_run(name, SAVE_EVERY_MINUTES=30), "--save_every_minutes") == "30"
+    assert flag_value(dry_run(name, SAVE_EVERY_MINUTES=15), "--save_every_minutes") == "15"
+    assert "--save_every_minutes" not in dry_run(name, SAVE_EVERY_MINUTES=0)
 
 
 @pytest.mark.parametrize("name, defaults", [
