@@ -59,7 +59,17 @@ find_python() {
         PYTHON=.venv/bin/python
     else
         PYTHON=$(command -v python3) || fail "no Python: run 'bash scripts/setup.sh' (it creates .venv) or set PYTHON"
+        "$PYTHON" -c "import torch, transformers, chatglm3_finetune" 2>/dev/null \
+            || fail "no .venv here and $PYTHON lacks the requirements: run 'bash scripts/setup.sh' (it creates .venv), or set PYTHON to an interpreter that has them"
     fi
+}
+
+# whole_numbers VAR...: stops unless each VAR is a whole number of at least 1.
+whole_numbers() {
+    local name
+    for name in "$@"; do
+        [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name must be a whole number of at least 1, got '${!name}'"
+    done
 }
 
 # DEVICE_ARGS: --use_cpu under USE_CPU=1 (DeepSpeed then uses its CPU accelerator), and --bf16 or
@@ -71,7 +81,8 @@ set_device_args() {
         DEVICE_ARGS+=(--use_cpu)
         if [ "$PRECISION" = auto ]; then PRECISION=fp32; fi
     elif [ "$PRECISION" = auto ]; then
-        PRECISION=$("$PYTHON" -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')")
+        PRECISION=$("$PYTHON" -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')") \
+            || fail "$PYTHON could not import torch to choose PRECISION=auto: run 'bash scripts/setup.sh'"
     fi
     case "$PRECISION" in
         bf16) DEVICE_ARGS+=(--bf16) ;;
@@ -92,6 +103,7 @@ read_slurm_nodes() {
 # LAUNCHER: what runs finetune.py with the flags given (see "How the processes start" above).
 set_process_launcher() {
     read_slurm_nodes
+    whole_numbers NUM_GPUS NNODES
     if [ -n "${HOSTFILE:-}" ]; then
         LAUNCHER=("$PYTHON" -m deepspeed.launcher.runner --num_gpus="$NUM_GPUS" --hostfile "$HOSTFILE")
         if [ -n "${MASTER_ADDR:-}" ]; then LAUNCHER+=(--master_addr "$MASTER_ADDR"); fi

@@ -194,6 +194,14 @@ def test_extra_args_are_split_never_run(tmp_path):
         "error: EXTRA_ARGS: No closing quotation (quote a word that holds spaces with matching quotes)"
 
 
+@pytest.mark.parametrize("variable, value", [("NUM_GPUS", "two"), ("NUM_GPUS", "0"), ("NNODES", "2x")])
+def test_counts_must_be_whole_numbers(variable, value):
+    result = run_launcher("finetune_pt.sh", timeout=60, DRY_RUN=1, PRECISION="bf16", **{variable: value})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {variable} must be a whole number of at least 1, got '{value}'"
+
+
 def test_wrong_precision_is_refused():
     result = run_launcher("finetune_pt.sh", timeout=60, DRY_RUN=1, PRECISION="fp8")
     assert result.returncode == 2
