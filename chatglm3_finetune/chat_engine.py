@@ -37,7 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
-from .model_loading import ModelLoadError, load_base_model, resolve_dtype
+from .model_loading import ModelLoadError, load_base_model, peft_deprecations_silenced, resolve_dtype
 from .chat_format import Message, build_chat_input
 
 logger = logging.getLogger(__name__)
@@ -526,7 +526,8 @@ def _with_lora(base, adapter: str):
         raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with peft_deprecations_silenced():
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 __all__ = ["ChatModel", "ChatReply", "Completion", "TextStream", "MetadataSplitter", "load_chat_model",
