@@ -159,13 +159,16 @@ class ChatServer:
         started = time.perf_counter()
         job, updates = self.submit(prepared)
         try:
-            progress = None
+            progress, checked = None, time.monotonic()
             while progress is None or not progress.done:
+                if time.monotonic() - checked > DISCONNECT_POLL_S:
+                    if await is_disconnected():
+                        return None
+                    checked = time.monotonic()
                 try:
                     progress = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
-                    if await is_disconnected():
-                        return None
+                    continue
         finally:
             job.cancel()
         if progress.error is not None:
@@ -290,7 +293,7 @@ def api_key_check(api_key: str | None):
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            message = ("Incorrect API key provided." if given else
+            message = ("Incorrect API key provided." if request.headers.get("authorization") else
                        "No API key provided: send the header 'Authorization: Bearer YOUR_KEY'.")
             raise RequestError(message, code="invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
     return check

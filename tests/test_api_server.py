@@ -498,6 +498,167 @@ def test_concurrent_clients_each_get_their_own_answer(tiny_server):
     assert together == alone
 
 
+# ---- limits, faults, the API key ---------------------------------------------------------------------
+
+def raw_request(server: ServerThread, body: bytes, headers: dict | None = None) -> socket.socket:
+    """A POST sent over a plain socket (for bodies and readers the http clients would not allow)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in head.items())
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode() + body)
+    return sock
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, max_batch_size=1, max_queue=1)
+    release = threading.Event()
+    model.pause_at = (1, release)
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    with server, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, server, "/v1/chat/completions", ask)
+        while not model.prompts:
+            time.sleep(0.01)
+        waiting = pool.submit(post, server, "/v1/chat/completions", ask)
+        while server.app.state.chat_server.decoder.load != (1, 1):
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(ask))
+        refused = conn.getresponse()
+        body = json.loads(refused.read())
+        assert refused.status == 429 and int(refused.getheader("Retry-After")) >= 1
+        assert body["error"]["code"] == "rate_limit_exceeded" and "busy" in body["error"]["message"]
+        release.set()
+        assert running.result()[0] == 200 and waiting.result()[0] == 200
+
+
+def test_api_key_is_required_on_v1_when_set(tiny_tokenizer):
+    model = ScriptedModel(filler_id=tiny_tokenizer.encode_text("ok")[-1], vocab_size=len(tiny_tokenizer))
+    app = create_app(ChatModel(model, tiny_tokenizer), "scripted", api_key="s3cret")
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with ServerThread(app) as server:
+        for headers, fragment in (({}, "No API key provided"), ({"Authorization": "Bearer wrong"}, "Incorrect API key"),
+                                  ({"Authorization": "s3cret"}, "Incorrect API key")):
+            for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+                status, body = post(server, path, ask, headers, method=method)
+                assert status == 401 and body["error"]["code"] == "invalid_api_key", (headers, path)
+                assert fragment in body["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert client.chat.completions.create(model="scripted", **ask).usage.completion_tokens == 2
+        page = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        page.request("GET", "/")
+        assert page.getresponse().status == 200  # the page itself asks for the key
+
+
+def test_api_key_option_and_environment():
+    assert parse_args(["--model", "m"], {"API_KEY": "k"}).api_key == "k"
+    assert parse_args(["--model", "m", "--api-key", "flag"], {"API_KEY": "k"}).api_key == "flag"
+    assert parse_args(["--model", "m"], {}).api_key is None
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m"], {"API_KEY": " "})
+
+
+def test_oversized_slow_and_over_limit_requests_are_refused(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, max_body_bytes=2000, body_timeout_s=0.5, max_tokens=50)
+    with server:
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]})
+        status, body = post(server, "/v1/chat/completions", big)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        sock = raw_request(server, b"")  # chunked, no Content-Length: counted as it arrives
+        sock.close()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            sock.sendall(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+        assert b" 413 " in sock.recv(4096).split(b"\r\n")[0] + b" "
+        sock.close()
+        sock = raw_request(server, b'{"messages": [', {"Content-Length": "100"})  # never sends the rest
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        sock.close()
+        status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                             "max_tokens": 1_000_000_000})
+        assert status == 400 and body["error"]["param"] == "max_tokens" and "limit of 50" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 5000 + b"}", None),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64, "stream": True}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -2**63 - 1}, "seed"),
+], ids=["deep-json", "5000-digits", "seed-2**64", "seed-2**64-stream", "seed-below-range"])
+def test_former_server_errors_are_400(scripted, scripted_model, body, param):
+    status, payload = post(scripted.server, "/v1/chat/completions", body)
+    assert status == 400 and payload["error"]["param"] == param
+
+
+def test_extreme_sampling_settings_are_served(tiny_server):
+    client = tiny_server.client()
+    for settings in ({"temperature": 1e-300}, {"seed": 2**64 - 1, "temperature": 1.5}, {"seed": -2**63},
+                     {"top_p": 1e-300, "temperature": 2}):
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4, **settings)
+        assert answer.usage.completion_tokens >= 1
+    greedy = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                            temperature=0)
+    tiny = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          temperature=1e-300)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_failure_after_the_stream_started_ends_with_an_error_event(scripted, scripted_model):
+    scripted_model.replies.append(reply_ids(scripted.tokenizer, ("", "Some words that go on and on")))
+    scripted_model.fail_at = 4
+    conn = http.client.HTTPConnection("127.0.0.1", scripted.server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": [{"role": "user", "content": "fail"}], "stream": True, "max_tokens": 50}))
+    response = conn.getresponse()
+    assert response.status == 200
+    events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "injected failure" in error["message"]
+    scripted_model.fail_at = None
+    status, body = post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "again"}],
+                                                                  "max_tokens": 3})
+    assert status == 200  # the server goes on
+
+
+def test_non_streaming_client_that_leaves_stops_its_generation(scripted, scripted_model):
+    scripted_model.delay = 0.01  # 3000 tokens would take 30 s
+    row = len(scripted_model.scripts)
+    sock = raw_request(scripted.server, json.dumps({"messages": [{"role": "user", "content": "long"}],
+                                                    "max_tokens": 3000}).encode())
+    while scripted_model.generated.get(row, 0) < 5:
+        time.sleep(0.01)
+    sock.close()
+    assert wait_until_idle(scripted.server, timeout=10), "the generation went on after the client left"
+    assert scripted_model.generated[row] < 1500
+
+
+def test_stalled_reader_is_dropped_after_the_send_timeout(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, send_timeout_s=0.5, max_tokens=200_000)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    model.replies.append(tiny_tokenizer.encode_text("\n") + tiny_tokenizer.encode_text("Plain text"))  # streams
+    with server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "talk"}], "stream": True,
+                           "max_tokens": 200_000}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        # ...and never reads: the server's buffers fill, its sends block, the send timeout drops it
+        while model.generated.get(0, 0) < 10:
+            time.sleep(0.01)
+        assert wait_until_idle(server, timeout=60), "a client that stopped reading kept its generation"
+        assert model.generated[0] < 5000
+        assert post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "next"}],
+                                                     "max_tokens": 3})[0] == 200
+        sock.close()
+
+
 # ---- command line ------------------------------------------------------------------------------------
 
 def test_paths_come_from_the_environment_or_flags():
