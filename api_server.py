@@ -380,6 +380,16 @@ def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int |
 
 # ---- command line ---------------------------------------------------------------------------------
 
+LIMIT_FLAGS = (  # flag, ServerLimits field, type, help
+    ("--max-batch-size", "max_batch_size", int, "requests decoded together (1 turns batching off)"),
+    ("--max-queue", "max_queue", int, "requests that may wait for a batch slot; beyond that: 429 with Retry-After"),
+    ("--max-tokens-limit", "max_tokens", int, "the largest max_tokens a request may ask for (larger: 400)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body (larger: 413)"),
+    ("--body-timeout", "body_timeout_s", float, "seconds for a client to send its whole request body (then 408)"),
+    ("--send-timeout", "send_timeout_s", float, "seconds a streaming client may stop reading before it is dropped"),
+)
+
+
 def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
     """Flags, with MODEL_PATH, TOKENIZER_PATH, PT_PATH and LORA_PATH from the environment as defaults."""
     env = os.environ if environ is None else environ
@@ -410,18 +420,8 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--api-key", default=env.get("API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (env API_KEY; the web page asks for it)")
     defaults = ServerLimits()
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                        help="requests decoded together (1 turns batching off)")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help="requests that may wait for a batch slot; beyond that: 429 with Retry-After")
-    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens,
-                        help="the largest max_tokens a request may ask for (larger: 400)")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help="largest request body (larger: 413)")
-    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
-                        help="seconds for a client to send its whole request body (then 408)")
-    parser.add_argument("--send-timeout", type=float, default=defaults.send_timeout_s,
-                        help="seconds a streaming client may stop reading before it is dropped")
+    for flag, name, kind, text in LIMIT_FLAGS:
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), help=text)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest for small "
                              "models on a busy machine)")
@@ -429,11 +429,12 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("give the model folder with --model or MODEL_PATH")
-    for name in ("port", "max_context", "default_max_tokens", "threads", "max_batch_size", "max_tokens_limit",
-                 "max_body_bytes", "body_timeout", "send_timeout"):
+    positive = {f"--{name.replace('_', '-')}": name for name in ("port", "max_context", "default_max_tokens", "threads")}
+    positive.update({flag: name for flag, name, _, _ in LIMIT_FLAGS if name != "max_queue"})
+    for flag, name in positive.items():
         value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
     if args.max_queue < 0:
         parser.error(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.api_key is not None and not args.api_key.strip():
@@ -442,8 +443,7 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
 
 
 def server_limits(args: argparse.Namespace) -> ServerLimits:
-    return ServerLimits(args.max_batch_size, args.max_queue, args.max_tokens_limit, args.max_body_bytes,
-                        args.body_timeout, args.send_timeout)
+    return ServerLimits(**{name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS})
 
 
 def served_model_name(args: argparse.Namespace) -> str:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from api_server import ServerLimits, create_app, main, parse_args, served_model_name  # noqa: E402
+from api_server import (ServerLimits, create_app, main, parse_args, served_model_name,  # noqa: E402
+                        server_limits)
 from chatglm3_finetune.openai_protocol import (StreamedReply, assistant_message,  # noqa: E402
                                                openai_messages_to_chatglm as chat_messages)
 from chatglm3_finetune.chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
@@ -549,6 +550,16 @@ def test_api_key_is_required_on_v1_when_set(tiny_tokenizer):
         page = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         page.request("GET", "/")
         assert page.getresponse().status == 200  # the page itself asks for the key
+
+
+def test_limit_flags_reach_the_server():
+    args = parse_args(["--model", "m", "--max-batch-size", "1", "--max-queue", "0", "--max-tokens-limit", "10",
+                       "--max-body-bytes", "100", "--body-timeout", "2.5", "--send-timeout", "3"], {})
+    assert server_limits(args) == ServerLimits(1, 0, 10, 100, 2.5, 3.0)
+    assert server_limits(parse_args(["--model", "m"], {})) == ServerLimits()
+    for flag in ("--max-batch-size", "--max-tokens-limit", "--send-timeout"):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", flag, "0"], {})
 
 
 def test_api_key_option_and_environment():
