@@ -210,9 +210,7 @@ class ChatServer:
                     shown += progress.piece
                 if progress.error is not None:
                     raise progress.error
-                segments_of = self.chat.reply_segments
-                deltas = await anyio.to_thread.run_sync(lambda: reply.update(
-                    segments_of(progress.token_ids, progress.text if progress.done else shown), final=progress.done))
+                deltas = await self._deltas(reply, progress, shown)
                 for delta in deltas:
                     yield chunk(delta)
                     last_sent = time.monotonic()
@@ -229,6 +227,18 @@ class ChatServer:
         finally:
             job.cancel()
         yield "data: [DONE]\n\n"
+
+
+    async def _deltas(self, reply: StreamedReply, progress: Progress, shown: str) -> list[dict]:
+        """The stream's next deltas. While the reply is one open message (no `<|assistant|>` yet) this
+        is string slicing, done here; reading a finished message (a tool call: `ast`) goes to a thread."""
+        def deltas() -> list[dict]:
+            text = progress.text if progress.done else shown
+            return reply.update(self.chat.reply_segments(progress.token_ids, text), final=progress.done)
+
+        if not progress.done and self.chat.assistant_id not in progress.token_ids:
+            return deltas()
+        return await anyio.to_thread.run_sync(deltas)
 
 
 def _sse(payload: dict) -> str:
