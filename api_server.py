@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -88,6 +89,43 @@ def decode_json(raw: bytes):
 
 # ---- the server ---------------------------------------------------------------------------------
 
+class ProgressRelay:
+    """Hands Progress from the model's thread to the requests' queues on the event loop, waking the
+    loop once for everything that piled up meanwhile (one step of a batch of 32 is one wake-up, not 32)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, progress: Progress) -> bool:
+        """False when the event loop has closed: nobody is waiting any more."""
+        with self.lock:
+            self.pending.append((queue, progress))
+            if self.scheduled:
+                return True
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, progress in pending:
+            queue.put_nowait(progress)
+
+
+async def next_update(updates: asyncio.Queue, timeout: float) -> Progress | None:
+    """The next Progress, or None after `timeout` s (no timer when one is already waiting)."""
+    if not updates.empty():
+        return updates.get_nowait()
+    try:
+        return await asyncio.wait_for(updates.get(), timeout)
+    except TimeoutError:
+        return None
+
+
 @dataclass
 class PreparedRequest:
     request: ChatCompletionRequest
@@ -104,6 +142,7 @@ class ChatServer:
         self.default_max_tokens = min(default_max_tokens, limits.max_tokens)
         self.max_context = max_context or getattr(getattr(chat.model, "config", None), "max_position_embeddings", None)
         self.decoder = BatchedDecoder(chat, limits.max_batch_size, limits.max_queue)
+        self.relay: ProgressRelay | None = None
         self.created = int(time.time())
 
     def prepare(self, raw: bytes) -> PreparedRequest:
@@ -135,12 +174,12 @@ class ChatServer:
 
     def submit(self, prepared: PreparedRequest) -> tuple[GenerationJob, asyncio.Queue]:
         """Queues the generation; its Progress snapshots arrive on the returned queue. 429 when full."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        if self.relay is None:
+            self.relay = ProgressRelay(asyncio.get_running_loop())
+        updates: asyncio.Queue = asyncio.Queue()
 
         def on_progress(progress: Progress) -> None:
-            try:
-                loop.call_soon_threadsafe(updates.put_nowait, progress)
-            except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            if not self.relay.put(updates, progress):
                 job.cancel()
 
         request = prepared.request
@@ -165,10 +204,7 @@ class ChatServer:
                     if await is_disconnected():
                         return None
                     checked = time.monotonic()
-                try:
-                    progress = await asyncio.wait_for(updates.get(), DISCONNECT_POLL_S)
-                except TimeoutError:
-                    continue
+                progress = await next_update(updates, DISCONNECT_POLL_S) or progress
         finally:
             job.cancel()
         if progress.error is not None:
@@ -200,10 +236,10 @@ class ChatServer:
                 if time.monotonic() - last_sent > HEARTBEAT_S:  # writing is how a server notices a client left
                     yield ": generating\n\n"
                     last_sent = time.monotonic()
-                try:
-                    progress = await asyncio.wait_for(updates.get(), HEARTBEAT_S)
-                except TimeoutError:
+                update = await next_update(updates, HEARTBEAT_S)
+                if update is None:
                     continue
+                progress = update
                 shown += progress.piece
                 while not progress.done and not updates.empty():  # catch up on what queued meanwhile
                     progress = updates.get_nowait()

@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", help="torch CPU threads in the server (api_server.py --threads)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=16,
-                        help="requests per concurrency level (at least 2 per client)")
-    parser.add_argument("--rounds", type=int, default=2,
+    parser.add_argument("--requests", type=int, default=64,
+                        help="requests per concurrency level (at least 4 per client)")
+    parser.add_argument("--rounds", type=int, default=3,
                         help="measure every level this many times, interleaved, and keep each one's best "
                              "round (by completion tokens/s): other jobs on a shared machine come and go")
     parser.add_argument("--modes", nargs="+", choices=["on", "off"], default=["on", "off"],
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             server = start_server(args, model_dir, port, max(args.clients) if mode == "on" else 1)
             try:
                 run_level(port, 1, 2, prompts, args.max_tokens)  # warm-up
-                rounds = [[run_level(port, clients, max(args.requests, 2 * clients), prompts, args.max_tokens)
+                rounds = [[run_level(port, clients, max(args.requests, 4 * clients), prompts, args.max_tokens)
                            for clients in args.clients] for _ in range(args.rounds)]
                 for measured in zip(*rounds):
                     rows.append({"batching": mode, **max(measured, key=lambda r: r["tokens_per_s"])})
