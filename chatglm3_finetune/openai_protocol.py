@@ -93,7 +93,7 @@ class TextPart(_Model):
 
 class FunctionCall(_Model):
     name: StrictStr = Field(min_length=1)
-    arguments: StrictStr | dict = "{}"
+    arguments: StrictStr | dict = Field("{}", validate_default=True)
 
     @field_validator("arguments")
     @classmethod
@@ -177,10 +177,8 @@ class ChatCompletionRequest(_Model):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: Literal[1] | None = None
-    logprobs: Literal[False] | None = None
-    functions: None = Field(None, description="the legacy API: refused")
-    function_call: None = None
+    n: Literal[1] | None = None  # the rest of what is refused (n > 1, logprobs, the legacy functions) is
+    logprobs: Literal[False] | None = None  # refused in _an_object, with a message saying what to send instead
 
     @model_validator(mode="before")
     @classmethod
