@@ -116,6 +116,7 @@ class BatchedDecoder:
         self._condition = threading.Condition()
         self._closed = False
         self._rows: list[_Row] = []
+        self._joining = 0
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._seconds_per_job = 1.0
@@ -136,9 +137,9 @@ class BatchedDecoder:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(jobs in the batch, jobs waiting)."""
+        """(jobs in the batch or joining it, jobs waiting)."""
         with self._condition:
-            return len(self._rows), len(self._waiting)
+            return len(self._rows) + self._joining, len(self._waiting)
 
     def close(self) -> None:
         with self._condition:
@@ -160,10 +161,12 @@ class BatchedDecoder:
                     job = self._waiting.popleft()
                     if not job.cancelled.is_set():
                         newcomers.append(job)
+                self._joining = len(newcomers)
             try:
                 with torch.inference_mode():
                     if newcomers:
                         self._join(newcomers)
+                        self._joining = 0
                     if self._rows:
                         self._step()
             except Exception as error:  # a bug or out of memory: fail this batch, keep serving
@@ -172,6 +175,8 @@ class BatchedDecoder:
                 for job in failed:
                     job.on_progress(Progress([], "", "", error=error))
                 self._rows, self._cache, self._mask = [], None, None
+            finally:
+                self._joining = 0
 
     def _jobs(self) -> list[GenerationJob]:
         return [row.job for row in self._rows]
