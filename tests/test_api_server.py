@@ -636,6 +636,26 @@ def test_failure_after_the_stream_started_ends_with_an_error_event(scripted, scr
     assert status == 200  # the server goes on
 
 
+def test_failure_without_streaming_is_a_logged_500_and_the_server_goes_on(scripted, scripted_model, caplog):
+    scripted_model.fail_at = 2
+    status, body = post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert status == 500 and body["error"]["type"] == "server_error" and "injected failure" in body["error"]["message"]
+    assert any("a bug in the server" in record.getMessage() for record in caplog.records)
+    scripted_model.fail_at = None
+    assert post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "y"}],
+                                                          "max_tokens": 2})[0] == 200
+
+
+def test_a_model_without_a_cache_argument_is_refused_at_start(tiny_tokenizer):
+    class RemoteCodeStyle(ScriptedModel):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            raise AssertionError("never called")
+
+    model = RemoteCodeStyle(filler_id=0, vocab_size=len(tiny_tokenizer))
+    with pytest.raises(ValueError, match="native transformers model"):
+        create_app(ChatModel(model, tiny_tokenizer))
+
+
 def test_non_streaming_client_that_leaves_stops_its_generation(scripted, scripted_model):
     scripted_model.delay = 0.01  # 3000 tokens would take 30 s
     row = len(scripted_model.scripts)
