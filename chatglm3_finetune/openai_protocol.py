@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
@@ -252,7 +251,7 @@ def openai_messages_to_chatglm(messages: list, tools: list | None = None,
         record, _, _ = openai_record(request, lenient=True)
     except FormatProblem as e:
         raise ProtocolError(e.problem, e.field) from None
-    return [replace(message, loss=False) for message in conversation_messages(record)]  # a request trains nothing
+    return [Message(m.role, m.metadata, m.text, False) for m in conversation_messages(record)]  # trains nothing
 
 
 # ---- the reply: generated text -> OpenAI message ------------------------------------------------
