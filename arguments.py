@@ -141,14 +141,14 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:
-    from chatglm3_finetune.prefix_tuning import read_prefix_settings
+    from chatglm3_finetune.prefix_checkpoint import read_prefix_settings
 
     try:
         settings = read_prefix_settings(model_args.ptuning_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise OptionError(f"--ptuning_checkpoint {model_args.ptuning_checkpoint}: {e}") from None
-    if model_args.pre_seq_len is not None and model_args.pre_seq_len != settings["pre_seq_len"]:
+    if model_args.pre_seq_len is not None and model_args.pre_seq_len != settings.pre_seq_len:
         raise OptionError(
             f"--pre_seq_len {model_args.pre_seq_len} disagrees with the checkpoint {model_args.ptuning_checkpoint}, "
-            f"which was trained with pre_seq_len {settings['pre_seq_len']}: drop the flag (it is read from the checkpoint)"
+            f"which was trained with pre_seq_len {settings.pre_seq_len}: drop the flag (it is read from the checkpoint)"
         )

@@ -14,10 +14,12 @@ import re
 
 import torch
 from transformers import Seq2SeqTrainer
-from transformers.trainer import TRAINING_ARGS_NAME
 
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
-from chatglm3_finetune.encoding import IGNORE_INDEX
+from chatglm3_finetune.prefix_model import PrefixTuningModel
+from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
+                                           trainer_generation_kwargs, trainer_prepare_inputs,
+                                           training_args_file_name)
+from chatglm3_finetune.supervised_loss import count_targets
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +29,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "adapter_model.bin")
 
 
-class ChatGLMTrainer(Seq2SeqTrainer):
+class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint")):
+    """The loss contract: models declare `accepts_loss_kwargs` (supervised_loss.SupervisedLossSwitch)
+    and every model kind's targets are counted with the causal label shift, here and in the
+    Trainer's `num_items_in_batch` (`count_targets`)."""
+
     def __init__(self, *args, max_new_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        declare_causal_label_shift(self)
         self._supervised_tokens = 0
         self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
 
@@ -40,7 +47,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "labels" in inputs:
-            self._supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            self._supervised_tokens += count_targets(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -68,7 +75,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         if not self.args.predict_with_generate:
             yield
             return
-        from chatglm3_finetune.evaluation import GenerationCollator
+        from chatglm3_finetune.collation import GenerationCollator
 
         training_collator, self.data_collator = self.data_collator, GenerationCollator(self.processing_class.pad_token_id)
         try:
@@ -81,8 +88,8 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         from chatglm3_finetune.evaluation import generate_new_tokens
 
-        inputs = self._prepare_inputs(inputs)
-        options = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        inputs = trainer_prepare_inputs(self, inputs)
+        options = {**trainer_generation_kwargs(self), **gen_kwargs}
         if options.get("max_new_tokens") is None and options.get("max_length") is None:
             options["max_new_tokens"] = self.max_new_tokens
         # self.model, not the DeepSpeed engine: generate() lives on the module (ZeRO-3 hooks gather weights)
@@ -101,7 +108,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            torch.save(self.args, os.path.join(output_dir, training_args_file_name()))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model or self.model)

@@ -37,6 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
+from .collation import left_pad
 from .model_loading import ModelLoadError, load_base_model, resolve_dtype
 from .chat_format import Message, build_chat_input
 
@@ -105,7 +106,7 @@ class ChatModel:
 
     @property
     def is_prefix_tuned(self) -> bool:
-        from .prefix_tuning import PrefixTuningModel
+        from .prefix_model import PrefixTuningModel
 
         return isinstance(self.model, PrefixTuningModel)
 
@@ -208,19 +209,6 @@ def split_reply(token_ids: list[int], text: str, assistant_id: int, decode) -> l
     cuts = [0] + [len(decode(token_ids[:i])) for i, token in enumerate(token_ids) if token == assistant_id]
     cuts = [cut for cut in cuts if cut <= len(text)]
     return [text[start:end] for start, end in zip(cuts, cuts[1:] + [len(text)])]
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with every row right-aligned, padding on the left."""
-    if any(len(row) == 0 for row in rows):
-        raise ValueError("an empty prompt cannot be generated from")
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def cut_at_stop_token(ids: list[int], stop_token_ids: list[int]) -> tuple[list[int], str | None]:
@@ -482,7 +470,7 @@ def _resolve_adapter_given_as_model(model: str | None, pt_checkpoint: str | None
 
 def _adapter_checkpoint(folder: str) -> tuple[str, str | None] | None:
     """("pt" or "lora", the base model it names) for a prefix or adapter folder, None for a model."""
-    from .prefix_tuning import read_prefix_settings
+    from .prefix_checkpoint import read_prefix_settings
 
     if os.path.isfile(os.path.join(folder, "prefix_config.json")) or _is_prefix_config(folder):
         try:
@@ -513,7 +501,7 @@ def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
 
 
 def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
-    from .prefix_tuning import PrefixTuningModel
+    from .prefix_model import PrefixTuningModel
 
     try:
         return PrefixTuningModel.from_pretrained(base, checkpoint, pre_seq_len=pre_seq_len)
@@ -530,4 +518,4 @@ def _with_lora(base, adapter: str):
 
 
 __all__ = ["ChatModel", "ChatReply", "Completion", "TextStream", "MetadataSplitter", "load_chat_model",
-           "left_pad", "split_reply", "DEFAULT_MAX_NEW_TOKENS"]
+           "split_reply", "DEFAULT_MAX_NEW_TOKENS"]

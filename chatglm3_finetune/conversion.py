@@ -309,13 +309,14 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     """
     from transformers import AutoConfig, GlmForCausalLM
 
-    from .prefix_tuning import ORIGINAL_FORMAT, PrefixTuningModel, load_prefix_state
+    from .prefix_checkpoint import ORIGINAL_FORMAT, load_prefix_state
+    from .prefix_model import PrefixTuningModel
 
     try:
         settings, _ = load_prefix_state(ptuning_dir)
     except (ValueError, FileNotFoundError) as error:
         raise ConversionError(str(error)) from error
-    if settings["format"] != ORIGINAL_FORMAT:
+    if settings.format != ORIGINAL_FORMAT:
         raise ConversionError(f"{ptuning_dir} is already a prefix in this toolkit's format; load it as it is")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ConversionError(f"{output_dir} is not empty; choose a new --output folder")
@@ -333,10 +334,10 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     except ValueError as error:
         raise ConversionError(str(error)) from error
     if base_dir is not None:
-        model.settings["base_model_name_or_path"] = base_dir
+        model.record_base_model(base_dir)
     model.save_pretrained(output_dir)
     logger.info("converted the P-Tuning prefix %s -> %s (pre_seq_len %d, prefix_projection %s)", ptuning_dir,
-                output_dir, settings["pre_seq_len"], settings["prefix_projection"])
+                output_dir, settings.pre_seq_len, settings.prefix_projection)
     return output_dir
 
 

@@ -167,23 +167,6 @@ def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]
 
 # ---- training: prompt-only datasets and compute_metrics ----------------------------------------
 
-class GenerationCollator:
-    """Generation batches: prompts LEFT-padded (the new tokens then line up at the end), and
-    `labels` = the items' indices [batch, 1] so metrics find each prediction's reference."""
-
-    def __init__(self, pad_token_id: int = 0):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        from .chat_engine import left_pad
-
-        input_ids, attention_mask = left_pad([list(f["input_ids"]) for f in features], self.pad_token_id)
-        labels = torch.tensor([list(f["labels"]) for f in features], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 DEFAULT_EVAL_MAX_NEW_TOKENS = 128
 
 
@@ -278,5 +261,5 @@ class GenerationEval:
 
 
 __all__ = ["EvalItem", "GENERATION_METRICS", "build_eval_items", "read_eval_records", "evaluation_stop_token_ids",
-           "decode_generated", "score_items", "prediction_rows", "write_jsonl", "GenerationCollator", "GenerationEval",
+           "decode_generated", "score_items", "prediction_rows", "write_jsonl", "GenerationEval",
            "generate_new_tokens", "needs_synced_gpus"]

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .private_api import unpack_4bit_for_training
+
 logger = logging.getLogger(__name__)
 # bitsandbytes (imported by peft) warns at import, on every CPU run, about an optional kernel download.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -124,18 +126,7 @@ def keep_4bit_layers_trainable(model) -> int:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return 0
-    unpacked = 0
-    for module in model.modules():
-        if not isinstance(module, Linear4bit):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        state = getattr(module.weight, "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
-            unpacked += 1
+    unpacked = sum(unpack_4bit_for_training(module) for module in model.modules() if isinstance(module, Linear4bit))
     if unpacked:
         logger.warning("Unpacked %d 4-bit layers that had been repacked for CPU inference", unpacked)
     return unpacked
@@ -153,7 +144,7 @@ def _is_original_chatglm(path: str) -> bool:
 
 def add_prefix_tuning(model, model_args, base_path: str):
     """Wraps a frozen base with a P-Tuning v2 prefix: new, or continued from --ptuning_checkpoint."""
-    from .prefix_tuning import PrefixTuningModel
+    from .prefix_model import PrefixTuningModel
 
     keep_4bit_layers_trainable(model)
     if model_args.ptuning_checkpoint:

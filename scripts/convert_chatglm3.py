@@ -7,7 +7,7 @@
 The output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained, no remote code, and
 with chatglm3_tokenizer.load_tokenizer. Conversion goes one shard at a time (peak memory ~ a shard).
 With --ptuning, an original P-Tuning v2 checkpoint becomes a prefix in this toolkit's format, which
-prefix_tuning.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
+prefix_model.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
 """
 
 from __future__ import annotations

@@ -281,7 +281,8 @@ def original_ptuning_dir():
 
 
 def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptuning_dir, reference, tmp_path):
-    from chatglm3_finetune.prefix_tuning import PREFIX_FORMAT, PrefixTuningModel, read_prefix_settings
+    from chatglm3_finetune.prefix_checkpoint import PREFIX_FORMAT, read_prefix_settings
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     out = tmp_path / "prefix"
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(out), "--base", converted_dir) == 0
@@ -302,7 +303,7 @@ def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptu
 
 
 def test_ptuning_without_base_reads_the_model_shape_from_its_own_config(original_ptuning_dir, tmp_path):
-    from chatglm3_finetune.prefix_tuning import load_prefix_state
+    from chatglm3_finetune.prefix_checkpoint import load_prefix_state
 
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "prefix")) == 0
     settings, state = load_prefix_state(str(tmp_path / "prefix"))

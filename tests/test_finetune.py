@@ -47,7 +47,7 @@ def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path
 def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     checkpoint = tmp_path / "prefix"
     PrefixTuningModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8).save_pretrained(str(checkpoint))

@@ -18,7 +18,7 @@ from chatglm3_finetune.tokenizer import load_tokenizer
 from conftest import shared_path
 from chatglm3_finetune.evaluation import build_eval_items, evaluation_stop_token_ids
 from chatglm3_finetune.metrics import generation_metrics
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.collation import DataCollatorForChatGLM
 from chatglm3_finetune.chat_format import Message
 from chatglm3_finetune.encoding import encode_multi_turn, encode_prompt_response

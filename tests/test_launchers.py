@@ -205,7 +205,7 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     output_dir, _ = request.getfixturevalue(run)
     base_dir = Path(tiny_model_dir)

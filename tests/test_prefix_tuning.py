@@ -14,8 +14,9 @@ from safetensors import safe_open
 from transformers import DynamicCache, GlmForCausalLM
 
 from conftest import ROOT, shared_path
-from chatglm3_finetune.prefix_tuning import (PREFIX_FORMAT, PrefixCache, PrefixEncoder, PrefixTuningModel, load_prefix_state,
-                           read_prefix_settings)
+from chatglm3_finetune.prefix_cache import PrefixCache
+from chatglm3_finetune.prefix_checkpoint import PREFIX_FORMAT, load_prefix_state, read_prefix_settings
+from chatglm3_finetune.prefix_model import PrefixEncoder, PrefixTuningModel
 from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 128
@@ -458,7 +459,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
     import torch
     import deepspeed
     from transformers import GlmForCausalLM
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
     from chatglm3_finetune.tiny_model import tiny_glm_config
 
     deepspeed.init_distributed(dist_backend="gloo")
