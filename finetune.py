@@ -26,6 +26,7 @@ from arguments import OptionError, check_options, parse_args  # noqa: E402
 from chatglm3_finetune.collation import build_collator  # noqa: E402
 from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.private_api import UntestedVersionError, check_versions  # noqa: E402
 from chatglm3_finetune.records import DataError  # noqa: E402
 from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_args(argv)
     try:
         check_options(model_args, data_args, training_args)
-    except OptionError as e:
+        check_versions()
+    except (OptionError, UntestedVersionError) as e:
         fail(str(e))
     setup_logging(training_args)
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
