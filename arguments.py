@@ -16,8 +16,9 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS
 
 from chatglm3_finetune.encoding import TRUNCATION_POLICIES
+from chatglm3_finetune.model_loading import DTYPES
 
-TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
+TORCH_DTYPES = ("auto", *DTYPES)
 
 
 class OptionError(ValueError):

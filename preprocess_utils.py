@@ -19,7 +19,7 @@ from chatglm3_finetune.encoding import (  # noqa: F401
     encode_record, print_sanity_check, sanity_check_lines,
 )
 from chatglm3_finetune.records import (  # noqa: F401
-    INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
+    INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, read_valid_records, validate_records, write_jsonl,
 )
 from chatglm3_finetune.tokenizer import load_tokenizer
 from chatglm3_finetune.training_data import TruncationReport, tokenize_records  # noqa: F401
@@ -27,8 +27,7 @@ from chatglm3_finetune.training_data import TruncationReport, tokenize_records  
 
 def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0) -> list[str]:
     """Validates the whole file; returns the sanity check of record `index` and a summary line."""
-    records = read_records(path)
-    validate_records(records, train_format)
+    _, records = read_valid_records(path, train_format)
     if not 0 <= index < len(records):
         raise DataError(f"{path}: --index {index} is out of range (the file has {len(records)} records)")
     encoded = [encode_record(tokenizer, record, train_format, limits) for _, record in records]

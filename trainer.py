@@ -15,6 +15,7 @@ import re
 import torch
 from transformers import Seq2SeqTrainer
 
+from chatglm3_finetune.checkpoint_folders import holds_weights
 from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
                                            trainer_generation_kwargs, trainer_prepare_inputs,
@@ -24,9 +25,6 @@ from chatglm3_finetune.supervised_loss import count_targets
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "prefix_encoder.safetensors", "adapter_model.safetensors",
-                "adapter_model.bin")
 
 
 class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint")):
@@ -129,8 +127,7 @@ def is_complete_checkpoint(path: str) -> bool:
             json.load(f)
     except (OSError, ValueError):
         return False
-    names = os.listdir(path)
-    return any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
+    return holds_weights(path)
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:

@@ -24,7 +24,6 @@ Records in the data format become messages with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -37,6 +36,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
+from .checkpoint_folders import LORA, PTUNING, adapter_base_model, folder_kind, is_lora_adapter
 from .collation import left_pad
 from .model_loading import ModelLoadError, load_base_model, resolve_dtype
 from .chat_format import Message, build_chat_input
@@ -459,38 +459,19 @@ def _resolve_adapter_given_as_model(model: str | None, pt_checkpoint: str | None
     if found is None:
         return model, pt_checkpoint, lora
     kind, base = found
-    slot_free = pt_checkpoint is None if kind == "pt" else lora is None
+    slot_free = pt_checkpoint is None if kind == PTUNING else lora is None
     if slot_free and base and os.path.isdir(base):
-        logger.info("%s is a %s checkpoint of %s", model, "P-Tuning" if kind == "pt" else "LoRA", base)
-        return (base, model, lora) if kind == "pt" else (base, pt_checkpoint, model)
-    flag, what = ("--pt-checkpoint", "a P-Tuning checkpoint") if kind == "pt" else ("--lora", "a LoRA adapter")
+        logger.info("%s is a %s checkpoint of %s", model, "P-Tuning" if kind == PTUNING else "LoRA", base)
+        return (base, model, lora) if kind == PTUNING else (base, pt_checkpoint, model)
+    flag, what = ("--pt-checkpoint", "a P-Tuning checkpoint") if kind == PTUNING else ("--lora", "a LoRA adapter")
     raise ModelLoadError(f"{model} is {what}, not a model: pass it as {flag} {model} and the base model "
                          f"as --model BASE")
 
 
 def _adapter_checkpoint(folder: str) -> tuple[str, str | None] | None:
-    """("pt" or "lora", the base model it names) for a prefix or adapter folder, None for a model."""
-    from .prefix_checkpoint import read_prefix_settings
-
-    if os.path.isfile(os.path.join(folder, "prefix_config.json")) or _is_prefix_config(folder):
-        try:
-            return "pt", read_prefix_settings(folder).get("base_model_name_or_path")
-        except (OSError, ValueError):
-            return "pt", None
-    adapter_config = os.path.join(folder, "adapter_config.json")
-    if os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(folder, "config.json")):
-        with open(adapter_config, encoding="utf-8") as f:
-            return "lora", json.load(f).get("base_model_name_or_path")
-    return None
-
-
-def _is_prefix_config(folder: str) -> bool:
-    """An original-format P-Tuning folder: its config.json has pre_seq_len."""
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get("pre_seq_len"))
-    except (OSError, ValueError):
-        return False
+    """(PTUNING or LORA, the base model it names) for a prefix or adapter folder, None for a model."""
+    kind = folder_kind(folder)
+    return (kind, adapter_base_model(folder)) if kind in (PTUNING, LORA) else None
 
 
 def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
@@ -510,7 +491,7 @@ def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
 
 
 def _with_lora(base, adapter: str):
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+    if not is_lora_adapter(adapter):
         raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 

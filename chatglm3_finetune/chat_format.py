@@ -12,6 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The nine special tokens, appended right after the SentencePiece pieces (64789.. in ChatGLM3-6B).
+SPECIAL_TOKENS = (
+    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+)
+ROLE_TOKENS = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "observation": "<|observation|>",
+}
 ROLES = ("system", "user", "assistant", "tool", "interpreter", "observation")
 NATIVE_ROLES = ("system", "user", "assistant", "observation")
 NEVER_SUPERVISED_ROLES = ("system", "user")

@@ -27,11 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig
 
+from .model_loading import DTYPES
 from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 DROPPED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)

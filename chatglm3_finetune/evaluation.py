@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chat_parsing import ToolCall, parse_assistant_reply
-from .metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
-from .records import INPUT_OUTPUT, MULTI_TURN, read_records, record_format, validate_records, write_jsonl
+from .metrics import GENERATION_METRICS, generation_metrics, percent, tool_call_metrics
+from .records import MULTI_TURN, read_valid_records, record_format, write_jsonl
 from .encoding import IGNORE_INDEX
 from .chat_format import build_chat_input, conversation_messages, prefix_ids
 
@@ -41,21 +41,10 @@ class EvalItem:
 
 # ---- records -> items ---------------------------------------------------------------------------
 
-def detect_format(records: list[tuple[str, object]]) -> str:
-    """multi-turn or input-output, from the first record that says (validation checks the rest)."""
-    for _, record in records:
-        if isinstance(record, dict) and record_format(record):
-            return record_format(record)
-    return INPUT_OUTPUT
-
-
 def read_eval_records(path: str, max_samples: int | None = None) -> tuple[str, list[dict]]:
     """(format, records) of a validated data file; raises DataError naming file:line:field."""
-    located = read_records(path)
-    train_format = detect_format(located)
-    validate_records(located, train_format)
-    records = [record for _, record in located]
-    return train_format, records[:max_samples] if max_samples else records
+    train_format, located = read_valid_records(path, max_samples=max_samples)
+    return train_format, [record for _, record in located]
 
 
 def prompt_response_item(tokenizer, record: dict, index: int, max_source_length: int | None = None) -> EvalItem:
@@ -134,15 +123,11 @@ def score_items(items: list[EvalItem], texts: list[str]) -> dict:
     metrics.update(tool_call_metrics([reply for reply, _ in calls], [call for _, call in calls]))
     code = [(reply.code, item.reference) for reply, item in zip(replies, items) if item.role == "interpreter"]
     metrics.update(
-        interpreter_accuracy=_percent(sum(c is not None for c, _ in code), len(code)),
-        interpreter_code_exact_match=_percent(sum(c is not None and c.strip() == r.strip() for c, r in code),
+        interpreter_accuracy=percent(sum(c is not None for c, _ in code), len(code)),
+        interpreter_code_exact_match=percent(sum(c is not None and c.strip() == r.strip() for c, r in code),
                                               len(code)),
         num_plain_turns=len(plain), num_interpreter_turns=len(code), num_items=len(items))
     return metrics
-
-
-def _percent(count: int, total: int) -> float:
-    return round(100 * count / total, 4) if total else 0.0
 
 
 def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]) -> list[dict]:
@@ -218,10 +203,8 @@ class GenerationEval:
                   ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples))
         for name, wanted, path, max_samples in splits:
             if wanted:
-                located = read_records(path)
-                validate_records(located, data_args.train_format)
-                records = [record for _, record in located]
-                generation.add_split(name, records[:max_samples] if max_samples else records)
+                _, located = read_valid_records(path, data_args.train_format, max_samples)
+                generation.add_split(name, [record for _, record in located])
         return generation
 
     def add_split(self, name: str, records: list[dict]):

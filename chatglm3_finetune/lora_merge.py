@@ -21,11 +21,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+from .model_loading import DTYPES
 
 logger = logging.getLogger("merge_lora")
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 
@@ -74,7 +73,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     adapter_config = read_adapter_config(adapter)
     base = resolve_base(base, adapter_config, adapter)
     check_output(output, base, adapter)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as e:
@@ -101,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + weights)")
     parser.add_argument("--output", required=True, help="new folder for the merged model")
     parser.add_argument("--base", help="base model folder (default: the one named in adapter_config.json)")
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: the base model's)")
     return parser.parse_args(argv)
 

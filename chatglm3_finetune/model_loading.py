@@ -10,13 +10,14 @@ import os
 
 import torch
 
+from .checkpoint_folders import is_original_chatglm
 from .private_api import unpack_4bit_for_training
 
 logger = logging.getLogger(__name__)
 # bitsandbytes (imported by peft) warns at import, on every CPU run, about an optional kernel download.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # what users may name
 
 
 class ModelLoadError(RuntimeError):
@@ -77,7 +78,7 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
-        if "chatglm" in str(e).lower() or _is_original_chatglm(path):
+        if "chatglm" in str(e).lower() or is_original_chatglm(path):
             raise ModelLoadError(
                 f"{path} is an original ChatGLM3 checkpoint (remote code). Convert it once with "
                 f"`python scripts/convert_chatglm3.py --input {path} --output <new folder>` and train on the "
@@ -130,16 +131,6 @@ def keep_4bit_layers_trainable(model) -> int:
     if unpacked:
         logger.warning("Unpacked %d 4-bit layers that had been repacked for CPU inference", unpacked)
     return unpacked
-
-
-def _is_original_chatglm(path: str) -> bool:
-    import json
-
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return False
-    with open(config_file) as f:
-        return json.load(f).get("model_type") == "chatglm"
 
 
 def add_prefix_tuning(model, model_args, base_path: str):

@@ -52,7 +52,7 @@ def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records, found {_json_type(data)}")
+        raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type_name(data)}")
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
 
 
@@ -84,6 +84,24 @@ def record_format(record: dict) -> str | None:
     return None
 
 
+def detect_format(records: list[tuple[str, object]]) -> str:
+    """multi-turn or input-output, from the first record that says (validation checks the rest)."""
+    for _, record in records:
+        if isinstance(record, dict) and record_format(record):
+            return record_format(record)
+    return INPUT_OUTPUT
+
+
+def read_valid_records(path: str, train_format: str | None = None,
+                       max_samples: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
+    """(format, the first max_samples records with their file:line) of a data file, every record
+    validated first; the format is detected when not given. Raises DataError naming file:line:field."""
+    records = read_records(path)
+    train_format = train_format or detect_format(records)
+    validate_records(records, train_format)
+    return train_format, records[:max_samples] if max_samples else records
+
+
 def validate_records(records: list[tuple[str, object]], train_format: str) -> None:
     """Checks every record before any work; raises DataError on the first bad one."""
     if train_format not in TRAIN_FORMATS:
@@ -91,7 +109,7 @@ def validate_records(records: list[tuple[str, object]], train_format: str) -> No
     first_format = None
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be a JSON object, found {_json_type(record)}")
+            raise DataError(f"{where}: a record must be a JSON object, found {json_type_name(record)}")
         fmt = record_format(record)
         if fmt is not None and first_format is None:
             first_format = (fmt, where)
@@ -111,7 +129,8 @@ def validate_records(records: list[tuple[str, object]], train_format: str) -> No
             raise DataError(f"{where}: {problem}")
 
 
-def _json_type(value) -> str:
+def json_type_name(value) -> str:
+    """How a parsed JSON value is called in an error message: "an object", "a list", "null", ..."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
              int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)
@@ -122,7 +141,7 @@ def validate_prompt_response(record: dict) -> str | None:
         if field not in record:
             return f"{field}: missing (an input-output record needs 'prompt' and 'response' strings)"
         if not isinstance(record[field], str):
-            return f"{field}: must be a string, found {_json_type(record[field])}"
+            return f"{field}: must be a string, found {json_type_name(record[field])}"
     return None
 
 
@@ -131,16 +150,16 @@ def validate_conversation_record(record: dict) -> str | None:
         return "conversations: missing (a multi-turn record needs a 'conversations' list)"
     turns = record["conversations"]
     if not isinstance(turns, list):
-        return f"conversations: must be a list of turns, found {_json_type(turns)}"
+        return f"conversations: must be a list of turns, found {json_type_name(turns)}"
     if not turns:
         return "conversations: the list is empty"
     if "tools" in record and not isinstance(record["tools"], list):
-        return f"tools: must be a list, found {_json_type(record['tools'])}"
+        return f"tools: must be a list, found {json_type_name(record['tools'])}"
     seen_system = seen_user = trained = False
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            return f"{field}: a turn must be an object, found {_json_type(turn)}"
+            return f"{field}: a turn must be an object, found {json_type_name(turn)}"
         role = turn.get("role")
         if role is None:
             return f"{field}.role: missing"
@@ -173,12 +192,12 @@ def _validate_turn_fields(turn: dict, role: str, field: str) -> str | None:
         if not isinstance(turn["name"], str) or not turn["name"]:
             return f"{field}.name: must be a non-empty string, found {json.dumps(turn['name'], ensure_ascii=False)}"
         if not isinstance(turn["parameters"], dict):
-            return f"{field}.parameters: must be an object, found {_json_type(turn['parameters'])}"
+            return f"{field}.parameters: must be an object, found {json_type_name(turn['parameters'])}"
         return None
     if "content" not in turn:
         return f"{field}.content: missing"
     if not isinstance(turn["content"], str):
-        return f"{field}.content: must be a string, found {_json_type(turn['content'])}"
+        return f"{field}.content: must be a string, found {json_type_name(turn['content'])}"
     if role == "interpreter" and "observation" not in turn:
         return f"{field}.observation: missing (an 'interpreter' turn needs the code's output)"
     return None

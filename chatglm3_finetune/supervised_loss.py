@@ -180,5 +180,5 @@ def use_supervised_loss(model: torch.nn.Module, enabled: bool = True) -> torch.n
     return model
 
 
-__all__ = ["IGNORE_INDEX", "DEFAULT_CHUNK_SIZE", "shift_labels", "count_targets", "supervised_lm_loss",
+__all__ = ["DEFAULT_CHUNK_SIZE", "shift_labels", "count_targets", "supervised_lm_loss",
            "attention_mask_for", "SupervisedLossSwitch", "use_supervised_loss"]

@@ -20,7 +20,8 @@ import os
 import sentencepiece as spm
 from transformers import GlmConfig, GlmForCausalLM
 
-from .tokenizer import SPECIAL_TOKENS, TOKENIZER_MODEL_FILE, load_tokenizer
+from .chat_format import SPECIAL_TOKENS
+from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 PRETRAINING_FILE = "pretraining.json"
 

@@ -20,16 +20,8 @@ import shutil
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
-SPECIAL_TOKENS = (
-    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-)
-ROLE_TOKENS = {
-    "system": "<|system|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "observation": "<|observation|>",
-}
+from .chat_format import ROLE_TOKENS, SPECIAL_TOKENS
+
 TOKENIZER_MODEL_FILE = "tokenizer.model"
 
 
@@ -169,7 +161,7 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         """Writes tokenizer.model (read back by `load_tokenizer` as this class) plus tokenizer.json,
         chat_template.jinja and a tokenizer_config.json that `AutoTokenizer.from_pretrained` loads
         with no remote code as the equivalent generic fast tokenizer, chat template included."""
-        from .fast_tokenizer import build_fast_tokenizer  # imports this module
+        from .fast_tokenizer import build_fast_tokenizer
 
         os.makedirs(save_directory, exist_ok=True)
         build_fast_tokenizer(self.vocab_file, padding_side=self.padding_side).save_pretrained(save_directory)

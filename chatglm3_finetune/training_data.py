@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from .encoding import LengthLimits, encode_record
-from .records import MULTI_TURN, DataError, read_records, validate_records
+from .records import MULTI_TURN, DataError, read_valid_records
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +137,9 @@ def max_sequence_length(data_args) -> int:
     return limits.max_seq_length or limits.max_source_length + limits.max_target_length + 1
 
 
-def read_and_validate(path: str, train_format: str, max_samples: int | None):
-    records = read_records(path)
-    validate_records(records, train_format)
-    return records[:max_samples] if max_samples else records
-
-
 def load_split(path, max_samples, tokenizer, data_args, training_args, description: str):
     """Validated records of one file -> a tokenized Dataset of input_ids/labels (plus a report)."""
-    records = read_and_validate(path, data_args.train_format, max_samples)
+    _, records = read_valid_records(path, data_args.train_format, max_samples)
     with training_args.main_process_first(desc=f"tokenizing {description}"):
         dataset, report = tokenize_records(
             tokenizer, records, data_args.train_format, length_limits(data_args),
