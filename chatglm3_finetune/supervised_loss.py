@@ -1,4 +1,4 @@
-"""Causal-LM loss computed only where there is something to learn.
+"""Causal-LM loss computed only where there is something to learn, and the switch that models read to use it.
 
 `GlmForCausalLM(..., labels=...)` projects EVERY position onto the 65,024-wide vocabulary, then
 throws most of it away (prompts, system turns and padding are -100). Here the decoder body runs as
@@ -9,6 +9,10 @@ computation's.
 
 The model's submodules are only ever called (`causal_lm.model`, `causal_lm.lm_head`), never their
 weights read, so DeepSpeed ZeRO-3 gathers partitioned parameters through its usual hooks.
+
+`use_supervised_loss(model)` turns it on for training: a model class that reads the switch
+(`SupervisedLossSwitch`) computes it inside its own forward. This module also holds the loss
+contract with the HF Trainer (`accepts_loss_kwargs`, the label shift in `shift_labels`).
 """
 
 from __future__ import annotations
