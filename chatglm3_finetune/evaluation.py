@@ -21,9 +21,11 @@ import numpy as np
 
 from .chat_parsing import ToolCall, parse_assistant_reply
 from .metrics import GENERATION_METRICS, generation_metrics, percent, tool_call_metrics
-from .records import MULTI_TURN, read_valid_records, record_format, write_jsonl
+from .data_formats import LoadedData, load_data, record_format_of
+from .records import AUTO, MULTI_TURN, record_format, write_jsonl
 from .encoding import IGNORE_INDEX
 from .chat_format import build_chat_input, conversation_messages, prefix_ids
+from .training_data import read_and_validate
 
 PROMPT_RESPONSE = "response"  # the role of a prompt/response item
 GENERATED_TURN_ROLES = ("assistant", "tool", "interpreter")
@@ -41,10 +43,10 @@ class EvalItem:
 
 # ---- records -> items ---------------------------------------------------------------------------
 
-def read_eval_records(path: str, max_samples: int | None = None) -> tuple[str, list[dict]]:
-    """(format, records) of a validated data file; raises DataError naming file:line:field."""
-    train_format, located = read_valid_records(path, max_samples=max_samples)
-    return train_format, [record for _, record in located]
+def read_eval_records(path: str, split: str | None = None) -> LoadedData:
+    """The validated records of a data file or dataset folder in any format (recognised from the
+    first record), as this project's records; raises DataError naming file:line:field."""
+    return load_data(path, AUTO, split)
 
 
 def prompt_response_item(tokenizer, record: dict, index: int, max_source_length: int | None = None) -> EvalItem:
@@ -198,12 +200,15 @@ class GenerationEval:
     @classmethod
     def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
         """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
-        generation = cls(tokenizer, data_args.train_format, data_args.max_source_length)
-        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples),
-                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples))
-        for name, wanted, path, max_samples in splits:
+        generation = cls(tokenizer, None, data_args.max_source_length)
+        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
+                   data_args.validation_split, "--validation_split"),
+                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
+                   data_args.test_split, "--test_split"))
+        for name, wanted, path, max_samples, split, split_flag in splits:
             if wanted:
-                _, located = read_valid_records(path, data_args.train_format, max_samples)
+                located = read_and_validate(path, data_args, max_samples, split, split_flag)
+                generation.train_format = record_format_of(data_args)
                 generation.add_split(name, [record for _, record in located])
         return generation
 

@@ -1,5 +1,6 @@
 """Data files in, validated records out: read `.json`/`.jsonl` files and check every record,
-reporting problems as one line naming the file, line (or list index) and field."""
+reporting problems as one line naming the file, line (or list index) and field. The names of the
+data formats live here too; data_formats converts the other formats into these records."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from .chat_format import NEVER_SUPERVISED_ROLES, ROLES
 
 MULTI_TURN = "multi-turn"
 INPUT_OUTPUT = "input-output"
-TRAIN_FORMATS = (MULTI_TURN, INPUT_OUTPUT)
+RECORD_FORMATS = (MULTI_TURN, INPUT_OUTPUT)  # this project's own records: every other format becomes one
+OPENAI, SHAREGPT, ALPACA = "openai", "sharegpt", "alpaca"
+AUTO = "auto"  # recognise the format from the first record
+TRAIN_FORMATS = (AUTO, MULTI_TURN, INPUT_OUTPUT, OPENAI, SHAREGPT, ALPACA)
 
 
 class DataError(ValueError):
@@ -52,7 +56,7 @@ def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type_name(data)}")
+        raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type(data)}")
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
 
 
@@ -84,32 +88,14 @@ def record_format(record: dict) -> str | None:
     return None
 
 
-def detect_format(records: list[tuple[str, object]]) -> str:
-    """multi-turn or input-output, from the first record that says (validation checks the rest)."""
-    for _, record in records:
-        if isinstance(record, dict) and record_format(record):
-            return record_format(record)
-    return INPUT_OUTPUT
-
-
-def read_valid_records(path: str, train_format: str | None = None,
-                       max_samples: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
-    """(format, the first max_samples records with their file:line) of a data file, every record
-    validated first; the format is detected when not given. Raises DataError naming file:line:field."""
-    records = read_records(path)
-    train_format = train_format or detect_format(records)
-    validate_records(records, train_format)
-    return train_format, records[:max_samples] if max_samples else records
-
-
 def validate_records(records: list[tuple[str, object]], train_format: str) -> None:
     """Checks every record before any work; raises DataError on the first bad one."""
-    if train_format not in TRAIN_FORMATS:
-        raise DataError(f"train_format {train_format!r} is not one of {', '.join(TRAIN_FORMATS)}")
+    if train_format not in RECORD_FORMATS:
+        raise DataError(f"train_format {train_format!r} is not one of {', '.join(RECORD_FORMATS)}")
     first_format = None
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be a JSON object, found {json_type_name(record)}")
+            raise DataError(f"{where}: a record must be a JSON object, found {json_type(record)}")
         fmt = record_format(record)
         if fmt is not None and first_format is None:
             first_format = (fmt, where)
@@ -129,11 +115,12 @@ def validate_records(records: list[tuple[str, object]], train_format: str) -> No
             raise DataError(f"{where}: {problem}")
 
 
-def json_type_name(value) -> str:
+def json_type(value) -> str:
     """How a parsed JSON value is called in an error message: "an object", "a list", "null", ..."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
              int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)
+
 
 
 def validate_prompt_response(record: dict) -> str | None:
@@ -141,25 +128,30 @@ def validate_prompt_response(record: dict) -> str | None:
         if field not in record:
             return f"{field}: missing (an input-output record needs 'prompt' and 'response' strings)"
         if not isinstance(record[field], str):
-            return f"{field}: must be a string, found {json_type_name(record[field])}"
+            return f"{field}: must be a string, found {json_type(record[field])}"
     return None
 
 
-def validate_conversation_record(record: dict) -> str | None:
+def validate_conversation_record(record: dict, role_fields: list[str] | None = None,
+                                 turns_field: str = "conversations") -> str | None:
+    """The first problem of a multi-turn record, or None. A record converted from another format
+    passes `role_fields` (where each turn's role came from, e.g. `messages[3].role`) and
+    `turns_field`, so that rules about the order of turns name the user's own fields."""
     if "conversations" not in record:
         return "conversations: missing (a multi-turn record needs a 'conversations' list)"
     turns = record["conversations"]
     if not isinstance(turns, list):
-        return f"conversations: must be a list of turns, found {json_type_name(turns)}"
+        return f"conversations: must be a list of turns, found {json_type(turns)}"
     if not turns:
         return "conversations: the list is empty"
     if "tools" in record and not isinstance(record["tools"], list):
-        return f"tools: must be a list, found {json_type_name(record['tools'])}"
+        return f"tools: must be a list, found {json_type(record['tools'])}"
     seen_system = seen_user = trained = False
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
+        role_field = role_fields[i] if role_fields else f"{field}.role"
         if not isinstance(turn, dict):
-            return f"{field}: a turn must be an object, found {json_type_name(turn)}"
+            return f"{field}: a turn must be an object, found {json_type(turn)}"
         role = turn.get("role")
         if role is None:
             return f"{field}.role: missing"
@@ -169,9 +161,9 @@ def validate_conversation_record(record: dict) -> str | None:
             return f"{field}.loss: must be true or false, found {json.dumps(turn['loss'])}"
         if role == "system":
             if seen_system:
-                return f"{field}.role: a second 'system' turn (at most one per record)"
+                return f"{role_field}: a second 'system' turn (at most one per record)"
             if seen_user:
-                return f"{field}.role: 'system' must come before any 'user' turn"
+                return f"{role_field}: 'system' must come before any 'user' turn"
             seen_system = True
         seen_user = seen_user or role == "user"
         problem = _validate_turn_fields(turn, role, field)
@@ -179,8 +171,8 @@ def validate_conversation_record(record: dict) -> str | None:
             return problem
         trained = trained or (role not in NEVER_SUPERVISED_ROLES and turn.get("loss", True))
     if not trained:
-        return ("conversations: no turn is trained (only system/user turns, or every other turn has "
-                "\"loss\": false); add an assistant turn")
+        return (f"{turns_field}: no turn is trained (only system/user turns, or every other turn has its loss "
+                f"turned off); add an assistant turn")
     return None
 
 
@@ -192,12 +184,12 @@ def _validate_turn_fields(turn: dict, role: str, field: str) -> str | None:
         if not isinstance(turn["name"], str) or not turn["name"]:
             return f"{field}.name: must be a non-empty string, found {json.dumps(turn['name'], ensure_ascii=False)}"
         if not isinstance(turn["parameters"], dict):
-            return f"{field}.parameters: must be an object, found {json_type_name(turn['parameters'])}"
+            return f"{field}.parameters: must be an object, found {json_type(turn['parameters'])}"
         return None
     if "content" not in turn:
         return f"{field}.content: missing"
     if not isinstance(turn["content"], str):
-        return f"{field}.content: must be a string, found {json_type_name(turn['content'])}"
+        return f"{field}.content: must be a string, found {json_type(turn['content'])}"
     if role == "interpreter" and "observation" not in turn:
         return f"{field}.observation: missing (an 'interpreter' turn needs the code's output)"
     return None
