@@ -187,7 +187,7 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
     def _forward_base(self, input_ids, attention_mask, position_ids, cache, labels, **kwargs) -> CausalLMOutputWithPast:
         """The one call into the base model (loss included). In training, with the supervised loss
         switched on, the output layer only runs at supervised positions (supervised_loss.py)."""
-        if self.uses_supervised_loss(labels, kwargs):
+        if self.uses_supervised_loss(labels):
             loss, _ = supervised_lm_loss(self.base_model, labels, kwargs.pop("num_items_in_batch", None),
                                          input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids, **{self._cache_argument: cache}, **kwargs)

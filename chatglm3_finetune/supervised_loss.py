@@ -141,7 +141,7 @@ class SupervisedLossSwitch:
     supervised_loss = False
     accepts_loss_kwargs = True
 
-    def uses_supervised_loss(self, labels, kwargs: dict) -> bool:
+    def uses_supervised_loss(self, labels) -> bool:
         return labels is not None and self.training and self.supervised_loss
 
 
@@ -150,7 +150,7 @@ class SupervisedLossForward(SupervisedLossSwitch):
     `use_supervised_loss`; everything but a supervised training forward is the class's own."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        if not self.uses_supervised_loss(labels, kwargs) or kwargs.get("inputs_embeds") is not None:
+        if not self.uses_supervised_loss(labels) or kwargs.get("inputs_embeds") is not None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    labels=labels, **kwargs)
         for unused in ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep"):
