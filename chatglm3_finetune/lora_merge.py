@@ -23,6 +23,8 @@ from pathlib import Path
 
 from .model_loading import DTYPES
 
+from .model_loading import peft_deprecations_silenced
+
 logger = logging.getLogger("merge_lora")
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -75,7 +77,8 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     check_output(output, base, adapter)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        with peft_deprecations_silenced():
+            model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as e:
         detail = str(e).strip().splitlines()
         detail = next((line.strip() for line in detail if "size mismatch" in line), detail[0] if detail else "")
