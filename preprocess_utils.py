@@ -16,16 +16,17 @@ import sys
 from chatglm3_finetune.collation import DataCollatorForChatGLM  # noqa: F401
 from chatglm3_finetune.encoding import (  # noqa: F401
     IGNORE_INDEX, TRUNCATION_POLICIES, EncodedRecord, LengthLimits, encode_multi_turn, encode_prompt_response,
-    encode_record, print_sanity_check, sanity_check_lines,
+    encode_record, length_cap_problem, print_sanity_check, sanity_check_lines,
 )
 from chatglm3_finetune.records import (  # noqa: F401
     INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
 )
 from chatglm3_finetune.tokenizer import load_tokenizer
-from chatglm3_finetune.training_data import TruncationReport, tokenize_records  # noqa: F401
+from chatglm3_finetune.training_data import TruncationReport, caps_text, tokenize_records  # noqa: F401
 
 
-def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0) -> list[str]:
+def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0,
+            full: bool = False) -> list[str]:
     """Validates the whole file; returns the sanity check of record `index` and a summary line."""
     records = read_records(path)
     validate_records(records, train_format)
@@ -39,7 +40,8 @@ def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index
         lost_stop=sum(e.lost_stop for e in encoded),
     )
     chosen = encoded[index]
-    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [report.summary()]
+    return (sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels, full) + [report.summary()]
+            + [f"warning: {line}" for line in report.warnings(caps_text(limits))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,16 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_format", required=True, choices=TRAIN_FORMATS)
     parser.add_argument("--data", required=True, help=".json (a list) or .jsonl (one record a line)")
     parser.add_argument("--index", type=int, default=0, help="which record to show (default 0)")
-    parser.add_argument("--max_seq_length", type=int, default=None)
-    parser.add_argument("--max_source_length", type=int, default=None)
-    parser.add_argument("--max_target_length", type=int, default=None)
+    parser.add_argument("--max_seq_length", type=int, default=None, help="multi-turn: cap as in finetune.py")
+    parser.add_argument("--max_source_length", type=int, default=None, help="input-output: prompt cap")
+    parser.add_argument("--max_target_length", type=int, default=None, help="input-output: response cap")
+    parser.add_argument("--full_sanity_check", action="store_true",
+                        help="print every token (by default a long record shows its start and end)")
     args = parser.parse_args(argv)
+    limits = LengthLimits(args.max_seq_length, args.max_source_length, args.max_target_length)
+    problem = length_cap_problem(limits)
+    if problem:
+        parser.error(problem)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        lines = preview(tokenizer, args.data, args.train_format,
-                        LengthLimits(args.max_seq_length, args.max_source_length, args.max_target_length),
-                        args.index)
-    except (DataError, FileNotFoundError) as e:
+        lines = preview(tokenizer, args.data, args.train_format, limits, args.index, args.full_sanity_check)
+    except FileNotFoundError as e:
+        print(f"error: --tokenizer: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))

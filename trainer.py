@@ -43,13 +43,17 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             self._supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def supervised_tokens_trained(self) -> int:
+        """Supervised tokens trained so far, summed over all processes (every rank must call it)."""
+        count = torch.tensor(self._supervised_tokens, device=self.args.device)
+        self._supervised_tokens = 0
+        self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
+            self.accelerator.reduce(count, reduction="sum"))
+        return self.state.supervised_tokens
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            count = torch.tensor(self._supervised_tokens, device=self.args.device)
-            self._supervised_tokens = 0
-            self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
-                self.accelerator.reduce(count, reduction="sum"))
-            logs["supervised_tokens"] = self.state.supervised_tokens
+            logs["supervised_tokens"] = self.supervised_tokens_trained()
         super().log(logs, start_time)
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----

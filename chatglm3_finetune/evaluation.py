@@ -227,20 +227,6 @@ class GenerationEval:
         self.item_ranges: dict[str, range] = {}
         self.datasets: dict = {}
 
-    @classmethod
-    def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
-        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
-        generation = cls(tokenizer, data_args.train_format, data_args.max_source_length)
-        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples),
-                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples))
-        for name, wanted, path, max_samples in splits:
-            if wanted:
-                located = read_records(path)
-                validate_records(located, data_args.train_format)
-                records = [record for _, record in located]
-                generation.add_split(name, records[:max_samples] if max_samples else records)
-        return generation
-
     def add_split(self, name: str, records: list[dict]):
         import datasets
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .encoding import LengthLimits, encode_record
 from .records import MULTI_TURN, DataError, read_records, validate_records
+from .splitting import SplitError, hold_out
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,20 @@ class TruncationReport:
     @property
     def kept(self) -> int:
         return self.records - (self.dropped or self.no_targets_left)
+
+    def warnings(self, caps: str) -> list[str]:
+        """What the length caps (`caps` names them, e.g. "--max_seq_length 2048") cost, one line each."""
+        lines = []
+        if self.truncated:
+            lines.append(f"{self.truncated} of {self.records} records were cut by {caps} ({self.lost_targets} lost "
+                         f"supervised targets, {self.lost_stop} lost the final stop target, which teaches the "
+                         f"model to end its answer)")
+        if self.dropped:
+            lines.append(f"{self.dropped} of {self.records} records left out by --truncation_policy drop")
+        elif self.no_targets_left:
+            lines.append(f"{self.no_targets_left} of {self.records} records left out because the cut removed "
+                         f"every supervised target; raise {caps.split()[0]} to use them")
+        return lines
 
     def summary(self) -> str:
         text = (f"{self.records} records, {self.tokens} tokens, {self.targets} supervised tokens, "
@@ -137,21 +152,62 @@ def max_sequence_length(data_args) -> int:
     return limits.max_seq_length or limits.max_source_length + limits.max_target_length + 1
 
 
+def caps_text(limits: LengthLimits) -> str:
+    """The caps set, as flags: e.g. `--max_seq_length 2048`."""
+    return " / ".join(f"--{name} {value}" for name, value in vars(limits).items() if value is not None)
+
+
 def read_and_validate(path: str, train_format: str, max_samples: int | None):
     records = read_records(path)
     validate_records(records, train_format)
     return records[:max_samples] if max_samples else records
 
 
-def load_split(path, max_samples, tokenizer, data_args, training_args, description: str):
-    """Validated records of one file -> a tokenized Dataset of input_ids/labels (plus a report)."""
-    records = read_and_validate(path, data_args.train_format, max_samples)
+def read_split_records(data_args, training_args) -> dict[str, tuple[str, list]]:
+    """{"train" | "eval" | "test": (source, validated records)} for the splits this run uses.
+
+    With --val_size the evaluation records are drawn (with --seed) from --train_file and are not
+    trained on. --max_train_samples / --max_eval_samples / --max_predict_samples then take the
+    first N of each split.
+    """
+    train_format, splits = data_args.train_format, {}
+    if training_args.do_train or data_args.val_size:
+        train = read_and_validate(data_args.train_file, train_format, None)
+        if data_args.val_size:
+            try:
+                train, held_out = hold_out(train, data_args.val_size, training_args.seed)
+            except SplitError as e:
+                raise DataError(f"{data_args.train_file}: --val_size {e}") from None
+            logger.info("--val_size %g: %d of the %d records of %s held out for evaluation (--seed %d)",
+                        data_args.val_size, len(held_out), len(train) + len(held_out), data_args.train_file,
+                        training_args.seed)
+            if training_args.do_eval:
+                splits["eval"] = (f"{data_args.train_file} (held out by --val_size)", held_out)
+        if training_args.do_train:
+            splits["train"] = (data_args.train_file, train)
+    if training_args.do_eval and not data_args.val_size:
+        splits["eval"] = (data_args.validation_file, read_and_validate(data_args.validation_file, train_format, None))
+    if training_args.do_predict:
+        splits["test"] = (data_args.test_file, read_and_validate(data_args.test_file, train_format, None))
+    caps = {"train": data_args.max_train_samples, "eval": data_args.max_eval_samples,
+            "test": data_args.max_predict_samples}
+    return {name: (splits[name][0], splits[name][1][:caps[name]] if caps[name] else splits[name][1])
+            for name in ("train", "eval", "test") if name in splits}
+
+
+def load_split(path, max_samples, tokenizer, data_args, training_args, description: str, records=None):
+    """Validated records of one file (or `records` already read from `path`) -> a tokenized Dataset
+    of input_ids/labels, plus its TruncationReport; what the caps cut is logged as warnings."""
+    if records is None:
+        records = read_and_validate(path, data_args.train_format, max_samples)
     with training_args.main_process_first(desc=f"tokenizing {description}"):
         dataset, report = tokenize_records(
             tokenizer, records, data_args.train_format, length_limits(data_args),
             num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
             overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
     logger.info("%s data %s: %s", description, path, report.summary())
+    for warning in report.warnings(caps_text(length_limits(data_args))):
+        logger.warning("%s data %s: %s", description, path, warning)
     if len(dataset) == 0:
         raise DataError(f"{path}: no records left to use ({report.summary()}); raise the length caps")
     return dataset.select_columns(["input_ids", "labels"]), report
