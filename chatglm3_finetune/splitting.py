@@ -71,3 +71,37 @@ def split_path(output: str, name: str) -> str:
     """`formatted_data/advertise_gen.jsonl` -> `formatted_data/advertise_gen_test.jsonl` for "test"."""
     stem, extension = os.path.splitext(output)
     return f"{stem}_{name}{extension or '.jsonl'}"
+
+
+def add_split_options(parser, default_output: str) -> None:
+    """The converters' --split / --seed flags."""
+    parser.add_argument("--split", default=None, metavar="TRAIN,DEV,TEST",
+                        help=f"write a seeded train/dev/test split instead of one file, e.g. 0.8,0.1,0.1 "
+                             f"(OUTPUT_train.jsonl, OUTPUT_dev.jsonl, OUTPUT_test.jsonl; with the default "
+                             f"--output: {split_path(default_output, 'test')} and so on)")
+    parser.add_argument("--seed", type=int, default=42, help="shuffle seed of --split (default 42)")
+
+
+def parse_split_or_exit(parser, text: str) -> tuple[float, float, float]:
+    try:
+        return parse_split(text)
+    except SplitError as error:
+        parser.error(f"--split {error}")
+
+
+def write_converted(parser, args, rows: list[dict]) -> list[str]:
+    """Writes the rows to --output, or its split files with --split; returns one line per file written."""
+    from .records import write_jsonl
+
+    if not args.split:
+        write_jsonl(rows, args.output)
+        return [f"{len(rows)} records -> {args.output}"]
+    try:
+        parts = split_rows(rows, parse_split_or_exit(parser, args.split), args.seed)
+    except SplitError as error:
+        parser.error(f"--split {error}")
+    lines = []
+    for name, part in parts.items():
+        write_jsonl(part, split_path(args.output, name))
+        lines.append(f"{name}: {len(part)} records -> {split_path(args.output, name)}")
+    return lines
