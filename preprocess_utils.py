@@ -22,7 +22,9 @@ from chatglm3_finetune.records import (  # noqa: F401
     INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
 )
 from chatglm3_finetune.tokenizer import load_tokenizer
-from chatglm3_finetune.training_data import TruncationReport, caps_text, tokenize_records  # noqa: F401
+from chatglm3_finetune.training_data import (  # noqa: F401
+    TruncationReport, caps_text, tokenize_records, truncation_report,
+)
 
 
 def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0,
@@ -33,12 +35,9 @@ def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index
     if not 0 <= index < len(records):
         raise DataError(f"{path}: --index {index} is out of range (the file has {len(records)} records)")
     encoded = [encode_record(tokenizer, record, train_format, limits) for _, record in records]
-    report = TruncationReport(
-        records=len(encoded), tokens=sum(len(e.input_ids) for e in encoded),
-        targets=sum(e.as_dict()["num_targets"] for e in encoded),
-        truncated=sum(e.truncated for e in encoded), lost_targets=sum(e.lost_targets for e in encoded),
-        lost_stop=sum(e.lost_stop for e in encoded),
-    )
+    rows = [e.as_dict() for e in encoded]
+    report = truncation_report({key: [row[key] for row in rows] for key in rows[0]},
+                               [len(e.input_ids) for e in encoded])
     chosen = encoded[index]
     return (sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels, full) + [report.summary()]
             + [f"warning: {line}" for line in report.warnings(caps_text(limits))])

@@ -132,9 +132,13 @@ def tokenize_records(tokenizer, records: list[tuple[str, dict]], train_format: s
 
 def _truncation_report(dataset) -> TruncationReport:
     columns = dataset.select_columns(["num_targets", "truncated", "lost_targets", "lost_stop"]).to_dict()
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return truncation_report(columns, [len(ids) for ids in dataset["input_ids"]])
+
+
+def truncation_report(columns: dict[str, list], lengths: list[int]) -> TruncationReport:
+    """The report of encoded records given as columns (EncodedRecord.as_dict keys) and their lengths."""
     return TruncationReport(
-        records=len(dataset), tokens=sum(lengths), targets=sum(columns["num_targets"]),
+        records=len(lengths), tokens=sum(lengths), targets=sum(columns["num_targets"]),
         truncated=sum(columns["truncated"]), lost_targets=sum(columns["lost_targets"]),
         lost_stop=sum(columns["lost_stop"]),
         no_targets_left=sum(targets == 0 for targets in columns["num_targets"]),
