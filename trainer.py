@@ -16,6 +16,7 @@ import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from chatglm3_finetune.file_modes import respect_umask
 from chatglm3_finetune.prefix_tuning import PrefixTuningModel
 from chatglm3_finetune.encoding import IGNORE_INDEX
 
@@ -96,10 +97,16 @@ class ChatGLMTrainer(Seq2SeqTrainer):
     # ---- saving and loading --------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves what was trained (every checkpoint too), with the permissions the umask gives."""
+        output_dir = output_dir or self.args.output_dir
+        self._save_trained(output_dir, _internal_call)
+        if self.args.should_save and os.path.isdir(output_dir):
+            respect_umask(output_dir)
+
+    def _save_trained(self, output_dir: str, _internal_call: bool) -> None:
         model = self._unwrapped()
         if not isinstance(model, PrefixTuningModel):
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         # Every rank calls this: under ZeRO-3 the prefix is gathered (only the prefix, not the base).
         model.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:
