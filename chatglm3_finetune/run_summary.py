@@ -3,8 +3,10 @@ the supervised tokens trained, the time taken, where the result is and the comma
 
 from __future__ import annotations
 
+import os
 import shlex
 
+RECORD_FILES = ("run_config.json", "loss_curve.png", "train_results.json", "eval_results.json")
 METHOD_NAMES = {"ptuning": "a P-Tuning v2 prefix", "lora": "LoRA adapters", "full": "a fully fine-tuned model"}
 
 
@@ -44,6 +46,8 @@ def summary_lines(seconds: float, sources: dict[str, str], reports: dict, caps: 
         lines.append(f"{name}: {shown}")
     lines.append(f"time: {format_duration(seconds)}")
     if trained:
-        lines.append(f"result: {output_dir} ({METHOD_NAMES[method]}; run_config.json, loss_curve.png beside it)")
+        beside = [name for name in RECORD_FILES if os.path.isfile(os.path.join(output_dir, name))]
+        lines.append(f"result: {output_dir} ({METHOD_NAMES[method]}" + (f"; beside it {', '.join(beside)})"
+                                                                        if beside else ")"))
         lines.append(f"chat with it: {inference_command(method, output_dir, base_model)}")
     return lines

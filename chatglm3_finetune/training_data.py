@@ -35,9 +35,10 @@ class TruncationReport:
         """What the length caps (`caps` names them, e.g. "--max_seq_length 2048") cost, one line each."""
         lines = []
         if self.truncated:
+            stop = (f", {self.lost_stop} lost the final stop target, which teaches the model to end its answer"
+                    if self.lost_stop else "")
             lines.append(f"{self.truncated} of {self.records} records were cut by {caps} ({self.lost_targets} lost "
-                         f"supervised targets, {self.lost_stop} lost the final stop target, which teaches the "
-                         f"model to end its answer)")
+                         f"supervised targets{stop})")
         if self.dropped:
             lines.append(f"{self.dropped} of {self.records} records left out by --truncation_policy drop")
         elif self.no_targets_left:

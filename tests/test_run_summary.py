@@ -53,9 +53,16 @@ def test_summary_lines_say_what_was_used_and_how_to_use_the_result():
         "trained: 30 steps, 123,456 supervised tokens",
         "eval: eval_loss 1.235",
         "time: 2m 05s",
-        "result: output/my run (a P-Tuning v2 prefix; run_config.json, loss_curve.png beside it)",
+        "result: output/my run (a P-Tuning v2 prefix)",
         "chat with it: python inference.py --model models/base --pt-checkpoint 'output/my run'",
     ]
+
+
+def test_summary_names_the_records_beside_the_result(tmp_path):
+    for name in ("run_config.json", "eval_results.json"):
+        (tmp_path / name).write_text("{}")
+    lines = summary_lines(1, {}, {}, "", {"steps": 1, "supervised_tokens": 1}, {}, str(tmp_path), "lora", "b")
+    assert lines[-2] == f"result: {tmp_path} (LoRA adapters; beside it run_config.json, eval_results.json)"
 
 
 def test_inference_command_per_kind_of_output():
