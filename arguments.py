@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from chatglm3_finetune.data_formats import FIXED_RECORD_FORMAT
 from chatglm3_finetune.encoding import TRUNCATION_POLICIES, length_cap_problem
-from chatglm3_finetune.records import MULTI_TURN, TRAIN_FORMATS
+from chatglm3_finetune.records import TRAIN_FORMATS
 from chatglm3_finetune.splitting import SplitError, check_val_size
-from chatglm3_finetune.training_data import length_limits, max_sequence_length
+from chatglm3_finetune.training_data import caps_to_check, length_limits, max_sequence_length
 
 TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -61,11 +62,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_format: str = field(metadata={"help": "multi-turn (conversations, tools) or input-output (prompt, response)",
-                                        "choices": TRAIN_FORMATS})
-    train_file: str | None = field(default=None, metadata={"help": ".json or .jsonl training data"})
-    validation_file: str | None = field(default=None, metadata={"help": "data for --do_eval"})
-    test_file: str | None = field(default=None, metadata={"help": "data for --do_predict"})
+    train_format: str = field(metadata={
+        "help": "multi-turn (conversations, tools), input-output (prompt, response), openai (messages), sharegpt "
+                "(conversations of from/value), alpaca (instruction, input, output), or auto: recognised from the "
+                "first record", "choices": TRAIN_FORMATS})
+    train_file: str | None = field(default=None, metadata={
+        "help": "training data: .jsonl, .json, .parquet, or a folder saved with datasets' save_to_disk"})
+    validation_file: str | None = field(default=None, metadata={"help": "data for --do_eval (as --train_file)"})
+    test_file: str | None = field(default=None, metadata={"help": "data for --do_predict (as --train_file)"})
+    train_split: str | None = field(default=None, metadata={"help": "the split of a --train_file DatasetDict folder"})
+    validation_split: str | None = field(default=None, metadata={"help": "the split of a --validation_file folder"})
+    test_split: str | None = field(default=None, metadata={"help": "the split of a --test_file folder"})
     max_seq_length: int = field(default=2048, metadata={"help": "multi-turn: longest sequence kept, in tokens"})
     max_source_length: int = field(default=1024, metadata={"help": "input-output: prompt cap, with [gMASK] sop"})
     max_target_length: int = field(default=128, metadata={"help": "input-output: response cap, before the eos"})
@@ -94,6 +101,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "use only the first N test records"})
+
+    # multi-turn or input-output: what the data became, set when it is read (data_formats.record_format_of)
+    resolved_format: str | None = field(default=None, init=False)
 
     @property
     def cache_dir(self) -> str:
@@ -205,7 +215,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data_args, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.exists(path):
             raise OptionError(f"--{name} {path}: no such file")
     if not os.path.isdir(model_args.model_name_or_path):
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
@@ -226,11 +236,11 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
     if data_args.packing and model_args.attn_implementation == "eager":
         raise OptionError("--packing needs sdpa (the default) or flash_attention_2 attention: eager attention "
                           "adds the mask, and packed rows carry a boolean block-diagonal one")
-    problem = length_cap_problem(length_limits(data_args))
+    problem = length_cap_problem(caps_to_check(data_args))
     if problem:
         raise OptionError(problem)
-    if not data_args.allow_longer_than_model:
-        _check_fits_model_context(model_args, data_args)
+    if not data_args.allow_longer_than_model and data_args.train_format in FIXED_RECORD_FORMAT:
+        check_fits_model_context(model_args, data_args)
 
 
 def _check_val_size(data_args) -> None:
@@ -245,8 +255,9 @@ def _check_val_size(data_args) -> None:
         raise OptionError(f"--val_size {e}") from None
 
 
-def _check_fits_model_context(model_args, data_args) -> None:
-    """Caps beyond max_position_embeddings would train on positions the model never learned."""
+def check_fits_model_context(model_args, data_args) -> None:
+    """Caps beyond max_position_embeddings would train on positions the model never learned; call
+    it once the data's record format is known (--train_format auto/alpaca: after reading it)."""
     config_file = os.path.join(model_args.model_name_or_path, "config.json")
     try:
         with open(config_file, encoding="utf-8") as f:
@@ -255,7 +266,7 @@ def _check_fits_model_context(model_args, data_args) -> None:
         return  # loading the model reports what is wrong with the folder
     context = config.get("max_position_embeddings") or config.get("seq_length")
     limits, longest = length_limits(data_args), max_sequence_length(data_args)
-    if data_args.train_format == MULTI_TURN:
+    if limits.max_seq_length:
         named = f"--max_seq_length {longest}"
     else:
         named = (f"--max_source_length {limits.max_source_length} + --max_target_length "

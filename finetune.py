@@ -23,7 +23,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from arguments import OptionError, check_options, parse_args  # noqa: E402
+from arguments import OptionError, check_fits_model_context, check_options, parse_args  # noqa: E402
 from chatglm3_finetune.collation import build_collator  # noqa: E402
 from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     descriptions = {"train": "training", "eval": "validation", "test": "test"}
     try:
         records = read_split_records(data_args, training_args)
+        if not data_args.allow_longer_than_model:  # --train_format auto/alpaca: the caps are known now
+            check_fits_model_context(model_args, data_args)
         for name, (source, split_records) in records.items():
             if name == "train" or not generating:
                 splits[name] = load_split(source, None, tokenizer, data_args, training_args, descriptions[name],
@@ -95,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
             from chatglm3_finetune.evaluation import GenerationEval
 
-            generation = GenerationEval(tokenizer, data_args.train_format, data_args.max_source_length)
-            for name in ("eval", "test"):
-                if name in records:
-                    splits[name] = (generation.add_split(name, [r for _, r in records[name][1]]), None)
+            generation = GenerationEval.from_args(tokenizer, data_args, training_args,
+                                                  {name: records[name][1] for name in ("eval", "test") if name in records})
+            splits.update({name: (dataset, None) for name, dataset in generation.datasets.items()})
+    except OptionError as e:
+        fail(str(e))
     except DataError as e:
         fail(str(e))
     if "train" in splits and training_args.process_index == 0:

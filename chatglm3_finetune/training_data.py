@@ -9,8 +9,9 @@ import logging
 import os
 from dataclasses import dataclass
 
+from .data_formats import FIXED_RECORD_FORMAT, load_data, record_format_of, settle_record_format
 from .encoding import LengthLimits, encode_record
-from .records import MULTI_TURN, DataError, read_records, validate_records
+from .records import MULTI_TURN, DataError
 from .splitting import SplitError, hold_out
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def truncation_report(columns: dict[str, list], lengths: list[int]) -> Truncatio
 
 
 def length_limits(data_args) -> LengthLimits:
-    if data_args.train_format == MULTI_TURN:
+    if record_format_of(data_args) == MULTI_TURN:
         return LengthLimits(max_seq_length=data_args.max_seq_length)
     return LengthLimits(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
 
@@ -162,10 +163,21 @@ def caps_text(limits: LengthLimits) -> str:
     return " / ".join(f"--{name} {value}" for name, value in vars(limits).items() if value is not None)
 
 
-def read_and_validate(path: str, train_format: str, max_samples: int | None):
-    records = read_records(path)
-    validate_records(records, train_format)
-    return records[:max_samples] if max_samples else records
+def caps_to_check(data_args) -> LengthLimits:
+    """The caps that apply; all three while the data has not said which (--train_format auto, alpaca)."""
+    if getattr(data_args, "resolved_format", None) or data_args.train_format in FIXED_RECORD_FORMAT:
+        return length_limits(data_args)
+    return LengthLimits(data_args.max_seq_length, data_args.max_source_length, data_args.max_target_length)
+
+
+def read_and_validate(path: str, data_args, max_samples: int | None, split: str | None = None,
+                      split_flag: str = "--split") -> list[tuple[str, dict]]:
+    """The records of a data file or dataset folder in --train_format, validated and converted to
+    this project's records; what they became is recorded on `data_args` (see record_format_of)."""
+    data = load_data(path, data_args.train_format, split, split_flag)
+    settle_record_format(data_args, data, path)
+    logger.info("%s", data.describe())
+    return data.records[:max_samples] if max_samples else data.records
 
 
 def read_split_records(data_args, training_args) -> dict[str, tuple[str, list]]:
@@ -175,9 +187,9 @@ def read_split_records(data_args, training_args) -> dict[str, tuple[str, list]]:
     trained on. --max_train_samples / --max_eval_samples / --max_predict_samples then take the
     first N of each split.
     """
-    train_format, splits = data_args.train_format, {}
+    splits = {}
     if training_args.do_train or data_args.val_size:
-        train = read_and_validate(data_args.train_file, train_format, None)
+        train = read_and_validate(data_args.train_file, data_args, None, data_args.train_split, "--train_split")
         if data_args.val_size:
             try:
                 train, held_out = hold_out(train, data_args.val_size, training_args.seed)
@@ -191,23 +203,26 @@ def read_split_records(data_args, training_args) -> dict[str, tuple[str, list]]:
         if training_args.do_train:
             splits["train"] = (data_args.train_file, train)
     if training_args.do_eval and not data_args.val_size:
-        splits["eval"] = (data_args.validation_file, read_and_validate(data_args.validation_file, train_format, None))
+        splits["eval"] = (data_args.validation_file, read_and_validate(
+            data_args.validation_file, data_args, None, data_args.validation_split, "--validation_split"))
     if training_args.do_predict:
-        splits["test"] = (data_args.test_file, read_and_validate(data_args.test_file, train_format, None))
+        splits["test"] = (data_args.test_file, read_and_validate(
+            data_args.test_file, data_args, None, data_args.test_split, "--test_split"))
     caps = {"train": data_args.max_train_samples, "eval": data_args.max_eval_samples,
             "test": data_args.max_predict_samples}
     return {name: (splits[name][0], splits[name][1][:caps[name]] if caps[name] else splits[name][1])
             for name in ("train", "eval", "test") if name in splits}
 
 
-def load_split(path, max_samples, tokenizer, data_args, training_args, description: str, records=None):
+def load_split(path, max_samples, tokenizer, data_args, training_args, description: str, split: str | None = None,
+               split_flag: str = "--split", records=None):
     """Validated records of one file (or `records` already read from `path`) -> a tokenized Dataset
     of input_ids/labels, plus its TruncationReport; what the caps cut is logged as warnings."""
     if records is None:
-        records = read_and_validate(path, data_args.train_format, max_samples)
+        records = read_and_validate(path, data_args, max_samples, split, split_flag)
     with training_args.main_process_first(desc=f"tokenizing {description}"):
         dataset, report = tokenize_records(
-            tokenizer, records, data_args.train_format, length_limits(data_args),
+            tokenizer, records, record_format_of(data_args), length_limits(data_args),
             num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
             overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
     logger.info("%s data %s: %s", description, path, report.summary())
