@@ -171,7 +171,7 @@ def caps_to_check(data_args) -> LengthLimits:
 
 
 def read_and_validate(path: str, data_args, max_samples: int | None, split: str | None = None,
-                      split_flag: str = "--split") -> list[tuple[str, dict]]:
+                      split_flag: str = "--train_split") -> list[tuple[str, dict]]:
     """The records of a data file or dataset folder in --train_format, validated and converted to
     this project's records; what they became is recorded on `data_args` (see record_format_of)."""
     data = load_data(path, data_args.train_format, split, split_flag)
@@ -215,7 +215,7 @@ def read_split_records(data_args, training_args) -> dict[str, tuple[str, list]]:
 
 
 def load_split(path, max_samples, tokenizer, data_args, training_args, description: str, split: str | None = None,
-               split_flag: str = "--split", records=None):
+               split_flag: str = "--train_split", records=None):
     """Validated records of one file (or `records` already read from `path`) -> a tokenized Dataset
     of input_ids/labels, plus its TruncationReport; what the caps cut is logged as warnings."""
     if records is None:

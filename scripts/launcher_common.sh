@@ -32,9 +32,14 @@ set_deepspeed_launcher_args() {
     if [ -n "${MASTER_PORT:-}" ]; then LAUNCHER_ARGS+=(--master_port "$MASTER_PORT"); fi
 }
 
-# EXTRA: EXTRA_ARGS split like shell words (quotes group words, $VARIABLES expand).
+# EXTRA: EXTRA_ARGS split like shell words (quotes group words, $VARIABLES expand); with VAL_SIZE
+# (a count or a fraction of the training file, held out with finetune.py --val_size) also the
+# flags that evaluate on it at every SAVE_INTERVAL and at the end.
 set_extra_args() {
     eval "EXTRA=(${EXTRA_ARGS:-})"
+    if [ -n "${VAL_SIZE:-}" ]; then
+        EXTRA=(--val_size "$VAL_SIZE" --do_eval --eval_strategy steps --eval_steps "${SAVE_INTERVAL:-500}" "${EXTRA[@]}")
+    fi
 }
 
 # The arguments as one line of shell words (each quoted where it needs it, a space after each).

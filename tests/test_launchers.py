@@ -227,3 +227,11 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     loaded = model.base_model.state_dict()
     assert base_tensors.keys() <= loaded.keys()
     assert all(torch.equal(loaded[key], tensor) for key, tensor in base_tensors.items())
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_val_size_holds_out_part_of_the_data_and_evaluates_on_it(name):
+    command = dry_run(name, VAL_SIZE="0.05", SAVE_INTERVAL="50")
+    assert flag_value(command, "--val_size") == "0.05" and "--do_eval" in command
+    assert flag_value(command, "--eval_strategy") == "steps" and flag_value(command, "--eval_steps") == "50"
+    assert "--val_size" not in dry_run(name)

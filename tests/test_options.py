@@ -148,3 +148,15 @@ def test_val_size_checks(tmp_path, tiny_model_dir, formatted_samples):
     for good in (0.1, 3):
         check_options(*parse_args(as_flags(dict(base_options(tiny_model_dir, data, tmp_path), do_eval=True,
                                                 val_size=good))))
+
+
+def test_cap_beyond_the_context_with_an_auto_format_is_refused_once_the_data_is_read(
+        tmp_path, capsys, tiny_model_dir, formatted_samples):
+    """--train_format auto: which cap applies is known only from the data; still refused before training."""
+    context = json.loads(open(f"{tiny_model_dir}/config.json").read())["max_position_embeddings"]
+    options = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), train_format="auto",
+                   max_seq_length=context + 1, preprocessing_cache_dir=str(tmp_path / "cache"))
+    check_options(*parse_args(as_flags(options)))  # the format is not known yet
+    err = finetune_error(capsys, as_flags(options))
+    assert err.startswith(f"error: --max_seq_length {context + 1} is longer than the model's context")
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
