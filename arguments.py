@@ -122,6 +122,7 @@ def parse_args(argv: list[str] | None = None):
         path = argv[0]
         options = read_options_file(path)
         check_option_names(options, option_names(parser), path)
+        options = numbers_from_text(options, parser, path)
         check_deepspeed_config(options.get("deepspeed"))
         return _build(lambda: parser.parse_dict(options), f"{path}: ")
     namespace, _ = parser.parse_known_args(args=argv)
@@ -186,6 +187,21 @@ def check_option_names(options: dict, valid: list[str], path: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (python finetune.py --help lists them)"
             raise OptionError(f"{path}: unknown option {key!r}{hint}")
+
+
+def numbers_from_text(options: dict, parser: HfArgumentParser, path: str) -> dict:
+    """Numbers the file holds as text, as numbers: YAML reads `2e-2` (no dot) as a string, and the
+    option classes do not convert it (the optimizer would fail on it much later)."""
+    converted = dict(options)
+    for key, value in options.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if isinstance(value, str) and action is not None and action.type in (int, float):
+            try:
+                converted[key] = action.type(value)
+            except ValueError:
+                raise OptionError(f"{path}: {key}: {value!r} is not {'an integer' if action.type is int else 'a number'}"
+                                  ) from None
+    return converted
 
 
 def check_deepspeed_config(value) -> None:

@@ -160,3 +160,15 @@ def test_cap_beyond_the_context_with_an_auto_format_is_refused_once_the_data_is_
     err = finetune_error(capsys, as_flags(options))
     assert err.startswith(f"error: --max_seq_length {context + 1} is longer than the model's context")
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+def test_yaml_numbers_written_as_text_are_numbers(tmp_path, capsys, tiny_model_dir, formatted_samples):
+    """YAML reads 2e-2 (no dot) as text; the option becomes the number it says, or a one-line error."""
+    options = base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path)
+    path = tmp_path / "args.yaml"
+    text = "\n".join(f"{key}: {json.dumps(value)}" for key, value in options.items())
+    path.write_text(text + "\nlearning_rate: 2e-2\nmax_steps: '3'\n")
+    _, _, training_args = parse_args([str(path)])
+    assert training_args.learning_rate == 0.02 and training_args.max_steps == 3
+    path.write_text(text + "\nlearning_rate: 2e-2x\n")
+    assert finetune_error(capsys, [str(path)]) == f"error: {path}: learning_rate: '2e-2x' is not a number"
