@@ -2,6 +2,8 @@
 string of a program's code (docstrings aside) must be one of that program's options."""
 
 import ast
+import contextlib
+import io
 import re
 
 import pytest
@@ -21,15 +23,26 @@ def strings_outside_docstrings(path):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
 
 
-def argparse_flags(*paths):
-    """The `--flags` that add_argument calls in these files define."""
-    flags = set()
-    for path in paths:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-                flags |= {arg.value[2:] for arg in node.args
-                          if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
-    return flags
+def help_flags(parse) -> set[str]:
+    """The `--flags` a program's --help lists (its parser's options, however they were added)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse(["--help"])
+    return set(FLAG.findall(out.getvalue()))
+
+
+def program_flags(name: str) -> set[str]:
+    import importlib
+    import runpy
+
+    if name == "convert":
+        return help_flags(runpy.run_path(str(ROOT / "scripts" / "convert_chatglm3.py"))["parse_args"])
+    module, function = {"inference": ("inference", "parse_args"), "server": ("api_server", "parse_args"),
+                        "preview": ("preprocess_utils", "main"), "merge": ("chatglm3_finetune.lora_merge", "main"),
+                        "tiny model": ("chatglm3_finetune.make_tiny_model", "main"),
+                        "advertise_gen": ("chatglm3_finetune.advertise_gen", "main"),
+                        "tool_alpaca": ("chatglm3_finetune.tool_alpaca", "main")}[name]
+    return help_flags(getattr(importlib.import_module(module), function))
 
 
 def finetune_flags():
@@ -42,30 +55,28 @@ def finetune_flags():
 
 
 PACKAGE = ROOT / "chatglm3_finetune"
-CONVERT = argparse_flags(ROOT / "scripts" / "convert_chatglm3.py")
 PROGRAMS = {
     # finetune.py and what only it runs (model_loading's remote-code hint names the converter's flags)
     "finetune": ([ROOT / "finetune.py", ROOT / "arguments.py", ROOT / "trainer.py", PACKAGE / "training_data.py",
-                  PACKAGE / "model_loading.py"], lambda: finetune_flags() | CONVERT),
+                  PACKAGE / "model_loading.py"], lambda: finetune_flags() | program_flags("convert")),
     # the summary's last line is an inference.py command
-    "run summary": ([PACKAGE / "run_summary.py"], lambda: finetune_flags() | argparse_flags(ROOT / "inference.py")),
+    "run summary": ([PACKAGE / "run_summary.py"], lambda: finetune_flags() | program_flags("inference")),
     # the data modules that finetune.py and the preview share: flags both spell the same way
     "finetune+preview": ([PACKAGE / "encoding.py", PACKAGE / "records.py"],
-                         lambda: finetune_flags() & argparse_flags(ROOT / "preprocess_utils.py")),
+                         lambda: finetune_flags() & program_flags("preview")),
     # the tokenizer loader's messages reach every program: they may name no flag at all
     "every program": ([PACKAGE / "tokenizer.py"], lambda: set()),
-    "preview": ([ROOT / "preprocess_utils.py"], lambda: argparse_flags(ROOT / "preprocess_utils.py")),
-    "inference": ([ROOT / "inference.py"], lambda: argparse_flags(ROOT / "inference.py")),
-    "server": ([ROOT / "api_server.py"], lambda: argparse_flags(ROOT / "api_server.py")),
+    "preview": ([ROOT / "preprocess_utils.py"], lambda: program_flags("preview")),
+    "inference": ([ROOT / "inference.py"], lambda: program_flags("inference")),
+    "server": ([ROOT / "api_server.py"], lambda: program_flags("server")),
     # chat_engine's messages reach users of both
-    "chat engine": ([PACKAGE / "chat_engine.py"],
-                    lambda: argparse_flags(ROOT / "inference.py") & argparse_flags(ROOT / "api_server.py")),
-    "convert": ([ROOT / "scripts" / "convert_chatglm3.py", PACKAGE / "conversion.py"], lambda: CONVERT),
-    "merge": ([PACKAGE / "lora_merge.py"], lambda: argparse_flags(PACKAGE / "lora_merge.py")),
+    "chat engine": ([PACKAGE / "chat_engine.py"], lambda: program_flags("inference") & program_flags("server")),
+    "convert": ([ROOT / "scripts" / "convert_chatglm3.py", PACKAGE / "conversion.py"],
+                lambda: program_flags("convert")),
+    "merge": ([PACKAGE / "lora_merge.py"], lambda: program_flags("merge")),
     "converters": ([PACKAGE / "advertise_gen.py", PACKAGE / "tool_alpaca.py", PACKAGE / "splitting.py"],
-                   lambda: argparse_flags(PACKAGE / "advertise_gen.py", PACKAGE / "splitting.py")
-                   & argparse_flags(PACKAGE / "tool_alpaca.py", PACKAGE / "splitting.py")),
-    "tiny model": ([PACKAGE / "make_tiny_model.py"], lambda: argparse_flags(PACKAGE / "make_tiny_model.py")),
+                   lambda: program_flags("advertise_gen") & program_flags("tool_alpaca")),
+    "tiny model": ([PACKAGE / "make_tiny_model.py"], lambda: program_flags("tiny model")),
 }
 
 
