@@ -16,6 +16,7 @@ import torch
 from transformers import Seq2SeqTrainer
 
 from chatglm3_finetune.checkpoint_folders import holds_weights
+from chatglm3_finetune.file_modes import respect_umask
 from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
                                            trainer_generation_kwargs, trainer_prepare_inputs,
@@ -48,13 +49,17 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
             self._supervised_tokens += count_targets(inputs["labels"])
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def supervised_tokens_trained(self) -> int:
+        """Supervised tokens trained so far, summed over all processes (every rank must call it)."""
+        count = torch.tensor(self._supervised_tokens, device=self.args.device)
+        self._supervised_tokens = 0
+        self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
+            self.accelerator.reduce(count, reduction="sum"))
+        return self.state.supervised_tokens
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            count = torch.tensor(self._supervised_tokens, device=self.args.device)
-            self._supervised_tokens = 0
-            self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
-                self.accelerator.reduce(count, reduction="sum"))
-            logs["supervised_tokens"] = self.state.supervised_tokens
+            logs["supervised_tokens"] = self.supervised_tokens_trained()
         super().log(logs, start_time)
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
@@ -97,10 +102,16 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
     # ---- saving and loading --------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves what was trained (every checkpoint too), with the permissions the umask gives."""
+        output_dir = output_dir or self.args.output_dir
+        self._save_trained(output_dir, _internal_call)
+        if self.args.should_save and os.path.isdir(output_dir):
+            respect_umask(output_dir)
+
+    def _save_trained(self, output_dir: str, _internal_call: bool) -> None:
         model = self._unwrapped()
         if not isinstance(model, PrefixTuningModel):
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         # Every rank calls this: under ZeRO-3 the prefix is gathered (only the prefix, not the base).
         model.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:

@@ -35,6 +35,12 @@ def _in_jinja_quotes(text: str) -> str:
 # becomes a system message placed first. A "tool" message (a tool's result) renders as an observation.
 CHAT_TEMPLATE = """
 {{- '[gMASK]<sop>' -}}
+{#- vLLM and transformers pass OpenAI tools {"type": "function", "function": F}; ChatGLM3 was trained on F -#}
+{%- set unwrapped = namespace(tools=[]) -%}
+{%- for tool in tools or [] -%}
+    {%- set unwrapped.tools = unwrapped.tools + [tool['function'] if tool['type'] == 'function' else tool] -%}
+{%- endfor -%}
+{%- set tools = unwrapped.tools -%}
 {%- if tools -%}
     {{- '<|system|>\\n TOOLS_SYSTEM_PROMPT' -}}
     {{- tools | tojson(indent=4, ensure_ascii=False) -}}

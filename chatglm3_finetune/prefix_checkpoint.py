@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .file_modes import respect_umask
+
 PREFIX_FORMAT = "chatglm3-ptuning-v2"
 ORIGINAL_FORMAT = "chatglm3-original"
 PREFIX_CONFIG_FILE = "prefix_config.json"
@@ -100,6 +102,7 @@ def save_prefix(save_directory: str, settings: PrefixSettings, state: dict[str, 
     """prefix_encoder.safetensors (the fp32 state) + prefix_config.json (format marker, settings)."""
     os.makedirs(save_directory, exist_ok=True)
     save_file(state, os.path.join(save_directory, PREFIX_WEIGHTS_FILE), metadata={"format": "pt"})
+    respect_umask(save_directory)
     record = {key: settings[key] for key in SETTING_KEYS}
     with open(os.path.join(save_directory, PREFIX_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump({"format": PREFIX_FORMAT, **record}, f, indent=2)

@@ -318,10 +318,12 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, checkpoint_dir: str, pre_seq_len: int | None = None,
-                        trainable: bool = False, prefix_dropout: float = 0.1) -> "PrefixTuningModel":
+                        trainable: bool = False, prefix_dropout: float = 0.1,
+                        base_model_name_or_path: str | None = None) -> "PrefixTuningModel":
         """The base model plus the prefix saved in `checkpoint_dir` (this toolkit's format or the
         original ChatGLM3 one); all settings come from the checkpoint. Frozen and in eval mode
-        unless `trainable`."""
+        unless `trainable`. `base_model_name_or_path` is the base recorded when it is saved again
+        (default: the one the checkpoint names)."""
         settings = read_prefix_settings(checkpoint_dir)
         if pre_seq_len is not None and pre_seq_len != settings.pre_seq_len:
             raise ValueError(f"pre_seq_len {pre_seq_len} was asked for, but the checkpoint {checkpoint_dir} was "
@@ -329,7 +331,8 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
                              "from the checkpoint) or pass the matching value")
         check_fits_model(settings, base_model.config, checkpoint_dir)
         model = cls(base_model, settings.pre_seq_len, settings.prefix_projection, settings.prefix_hidden_size,
-                    prefix_dropout=prefix_dropout, base_model_name_or_path=settings.base_model_name_or_path)
+                    prefix_dropout=prefix_dropout,
+                    base_model_name_or_path=base_model_name_or_path or settings.base_model_name_or_path)
         model.load_prefix(checkpoint_dir)
         if not trainable:
             model.prefix_encoder.requires_grad_(False)

@@ -178,3 +178,45 @@ def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir,
                                rtol=1e-4, atol=1e-5)
     assert "Packed 41 records into" in runs["packed"][1]
     assert len(first_losses(runs["packed"][0])) == 2
+
+
+@pytest.mark.slow
+def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(tiny_model_dir, formatted_samples,
+                                                                               tmp_path):
+    """--val_size holds records out of --train_file; --do_eval reports their loss, and with
+    --predict_with_generate the generation metrics on --max_eval_samples of them; the run ends with
+    a summary whose inference command works as printed."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    output_dir = tmp_path / "pt"
+    args = common_args(tiny_model_dir, formatted_samples["input-output"], output_dir, "--pre_seq_len", "2",
+                       "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--val_size", "0.25")
+    args[args.index("multi-turn")] = "input-output"
+    result = run_finetune(*args)
+    out = result.stdout
+    assert "--val_size 0.25: 10 of the 40 records" in out
+    assert json.loads((output_dir / "train_results.json").read_text())["train_records"] == 30
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] > 0
+    summary = out[out.index("==== Run summary"):].splitlines()
+    assert summary[1].startswith(f"train data {formatted_samples['input-output']}: 30 records, 30 used, 0 left out")
+    assert f"eval data {formatted_samples['input-output']} (held out by --val_size): 10 records, 10 used" in "\n".join(summary)
+    assert any(line.startswith("eval: eval_loss ") for line in summary)
+    command = summary[-1].removeprefix("chat with it: ")
+    assert command == f"python inference.py --model {tiny_model_dir} --pt-checkpoint {output_dir}"
+    chat = subprocess.run([sys.executable, *shlex.split(command)[1:], "--prompt", "Hi", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+
+    generated = tmp_path / "gen"
+    args = common_args(tiny_model_dir, formatted_samples["input-output"], generated, "--do_eval", "--val_size", "5",
+                       "--predict_with_generate", "--max_eval_samples", "3",
+                       "--max_target_length", "4")
+    args[args.index("multi-turn")] = "input-output"
+    args.remove("--do_train")
+    run_finetune(*args)
+    metrics = json.loads((generated / "eval_results.json").read_text())
+    assert metrics["eval_num_predictions"] == 3 and "eval_rouge-l" in metrics
