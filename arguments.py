@@ -7,6 +7,7 @@ second with a message that says what to do.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -89,10 +90,24 @@ class DataArguments:
         return self.preprocessing_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "chatglm3_finetune")
 
 
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments plus what keeps a run safe (README: "When things go wrong")."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over: remove the previous run's checkpoints and records from --output_dir instead of "
+                "resuming from them"})
+    nan_patience: int = field(default=0, metadata={
+        "help": "skip up to N optimizer steps in a row with a non-finite loss or gradient norm before stopping "
+                "as diverged (default 0: stop at the first; not with DeepSpeed or fp16)"})
+    save_every_minutes: float = field(default=0, metadata={
+        "help": "also save a checkpoint when this many minutes passed since the last one (0: off)"})
+
+
 def parse_args(argv: list[str] | None = None):
     """(model_args, data_args, training_args) from flags, or from one .json/.yaml file."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
@@ -138,6 +153,19 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
     if any(limit is not None and limit < 3 for limit in limits):
         raise OptionError(f"length caps must be at least 3 tokens, got {limits}")
     assert data_args.train_format in (MULTI_TURN, INPUT_OUTPUT)
+    check_safety_options(training_args)
+
+
+def check_safety_options(training_args) -> None:
+    if not math.isfinite(training_args.learning_rate) or training_args.learning_rate < 0:
+        raise OptionError(f"--learning_rate must be a finite number >= 0, got {training_args.learning_rate}")
+    if getattr(training_args, "nan_patience", 0) < 0:
+        raise OptionError(f"--nan_patience must be >= 0, got {training_args.nan_patience}")
+    if getattr(training_args, "nan_patience", 0) and (training_args.deepspeed or training_args.fp16):
+        raise OptionError("--nan_patience needs a run without DeepSpeed and fp16: there the step is taken (or "
+                          "skipped by loss scaling) before a bad batch can be dropped")
+    if getattr(training_args, "save_every_minutes", 0) < 0:
+        raise OptionError(f"--save_every_minutes must be >= 0, got {training_args.save_every_minutes}")
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:

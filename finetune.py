@@ -12,6 +12,7 @@ checkpoint; --resume_from_checkpoint PATH names one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,9 +25,14 @@ from transformers import set_seed  # noqa: E402
 
 from arguments import OptionError, check_options, parse_args  # noqa: E402
 from chatglm3_finetune.collation import build_collator  # noqa: E402
+from chatglm3_finetune.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
 from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.output_folder import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError,  # noqa: E402
+                                             check_writable, start_over)
+from chatglm3_finetune.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
 from chatglm3_finetune.records import DataError  # noqa: E402
+from chatglm3_finetune.run_record import ResumeRefused, mark_finished, plan_run, trained_settings  # noqa: E402
 from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.training_data import load_split, pack_dataset  # noqa: E402
@@ -34,9 +40,9 @@ from chatglm3_finetune.training_data import load_split, pack_dataset  # noqa: E4
 logger = logging.getLogger("finetune")
 
 
-def fail(message: str) -> None:
+def fail(message: str, exit_code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(exit_code)
 
 
 def setup_logging(training_args) -> None:
@@ -45,6 +51,11 @@ def setup_logging(training_args) -> None:
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_explicit_format()
+
+
+def checkpoint_step(path: str) -> int:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)["global_step"]
 
 
 def resume_checkpoint(training_args) -> str | None:
@@ -62,6 +73,61 @@ def resume_checkpoint(training_args) -> str | None:
     return found
 
 
+def schedule(training_args) -> dict:
+    return {"max_steps": training_args.max_steps, "num_train_epochs": training_args.num_train_epochs}
+
+
+def prepare_output_dir(model_args, data_args, training_args) -> str | None:
+    """Before anything loads: the folder is writable, a rerun would not mix two runs (a finished one
+    exits here), and the checkpoint to resume from."""
+    output_dir = training_args.output_dir
+    if training_args.should_save:
+        problem = check_writable(output_dir)
+        if problem:
+            fail(problem)
+    if not training_args.do_train:
+        return None
+    fresh = training_args.overwrite_output_dir
+    if fresh and training_args.should_save:
+        start_over(output_dir)
+    resume_from = None if fresh else resume_checkpoint(training_args)
+    step = checkpoint_step(resume_from) if resume_from else None
+    try:
+        plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
+                        step, write=training_args.should_save, start_over=fresh)
+    except ResumeRefused as e:
+        fail(str(e))
+    if plan.finished:
+        if training_args.process_index == 0:
+            print(f"The run in {output_dir} already finished with these settings: nothing to do (use "
+                  f"--overwrite_output_dir to train it again, or a larger --max_steps to continue it)", flush=True)
+        sys.exit(0)
+    for note in plan.notes:
+        logger.warning("Schedule change on resume: %s", note)
+    return resume_from
+
+
+def train_to_the_end(trainer, resume_from: str | None):
+    """trainer.train then the final save; a divergence, a failed write or a stop request ends the
+    process here with one message and its own exit code."""
+    main_process = trainer.is_world_process_zero()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        if not trainer.preemption.preempted:
+            trainer.save_model()
+    except TrainingDiverged as e:
+        fail(str(e) if main_process else "training diverged (see the main process)", DIVERGED_EXIT_CODE)
+    except CheckpointWriteError as e:
+        fail(str(e), WRITE_FAILED_EXIT_CODE)
+    if trainer.preemption.preempted:
+        finish_distributed()
+        if main_process:
+            print(f"Stopped at step {trainer.state.global_step} with a complete checkpoint: {RESUME_HINT}",
+                  file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args = parse_args(argv)
     try:
@@ -72,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
+    resume_from = prepare_output_dir(model_args, data_args, training_args)
 
     try:
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
@@ -104,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     if train_dataset is not None and data_args.packing:
         train_dataset = pack_dataset(train_dataset, data_args)
 
-    resume_from = resume_checkpoint(training_args) if training_args.do_train else None
     if training_args.deepspeed and training_args.world_size > 1:
         start_deepspeed_comm()
     try:
@@ -126,14 +192,14 @@ def main(argv: list[str] | None = None) -> None:
         write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
 
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_model()
+        result = train_to_the_end(trainer, resume_from)
         metrics = dict(result.metrics, train_records=splits["train"][1].kept,
                        train_supervised_tokens=splits["train"][1].targets)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         if training_args.should_save:
+            mark_finished(training_args.output_dir, trainer.state.global_step, schedule(training_args))
             curve = plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
             if curve:
                 logger.info("Loss curve: %s", curve)

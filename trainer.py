@@ -15,9 +15,13 @@ import re
 import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import nested_gather
 
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
 from chatglm3_finetune.encoding import IGNORE_INDEX
+from chatglm3_finetune.output_folder import write_failed
+from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.preemption import PreemptionSaver
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +31,42 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "adapter_model.bin")
 
 
+RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: totals that survive resumes
+
+
 class ChatGLMTrainer(Seq2SeqTrainer):
     def __init__(self, *args, max_new_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._supervised_tokens = 0
+        self._loss_sum_before = 0.0  # the summed step losses of the sessions before a resume
         self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
+        self.args.logging_nan_inf_filter = False  # it logs 0 for a NaN; the guard stops such runs instead
+        self.divergence_guard = DivergenceGuard(patience=getattr(self.args, "nan_patience", 0),
+                                                fp16=self._uses_fp16(), deepspeed=self.is_deepspeed_enabled)
+        self.preemption = PreemptionSaver(getattr(self.args, "save_every_minutes", 0) or 0)
+        self.add_callback(self.divergence_guard)
+        self.add_callback(self.preemption)
+
+    def _uses_fp16(self) -> bool:
+        if self.args.fp16:
+            return True
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return bool(config is not None and config.is_true("fp16.enabled"))
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---- loss and logging ----------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence_guard.observe_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.divergence_guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "labels" in inputs:
@@ -45,12 +75,42 @@ class ChatGLMTrainer(Seq2SeqTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            count = torch.tensor(self._supervised_tokens, device=self.args.device)
-            self._supervised_tokens = 0
-            self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
-                self.accelerator.reduce(count, reduction="sum"))
+            self._count_supervised_tokens()
             logs["supervised_tokens"] = self.state.supervised_tokens
         super().log(logs, start_time)
+
+    def _count_supervised_tokens(self) -> None:
+        """Moves the tokens counted since the last call, summed over ranks, into the run's total."""
+        count = torch.tensor(self._supervised_tokens, device=self.args.device)
+        self._supervised_tokens = 0
+        self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
+            self.accelerator.reduce(count, reduction="sum"))
+
+    # ---- totals over the whole run, across resumes ------------------------------------------------
+
+    def _load_callback_state(self) -> None:
+        """Called right after a resumed run loaded its trainer state: take the run's totals back."""
+        totals = self.state.stateful_callbacks.get(RUN_TOTALS) or {}
+        self.state.supervised_tokens = totals.get("supervised_tokens", 0)
+        self._loss_sum_before = totals.get("loss_sum", 0.0)
+        super()._load_callback_state()
+
+    def _store_run_totals(self) -> None:
+        self._count_supervised_tokens()
+        pending_loss = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        self.state.stateful_callbacks[RUN_TOTALS] = {
+            "supervised_tokens": self.state.supervised_tokens,
+            "loss_sum": self._loss_sum_before + self._total_loss_scalar + pending_loss}
+
+    def train(self, *args, **kwargs):
+        """As Trainer.train, but train_loss covers every step of the run, not only this session's."""
+        result = super().train(*args, **kwargs)
+        if self.state.global_step:
+            whole = (self._loss_sum_before + self._total_loss_scalar) / self.state.global_step
+            result = result._replace(training_loss=whole, metrics={**result.metrics, "train_loss": whole})
+            if "train_loss" in self.state.log_history[-1]:
+                self.state.log_history[-1]["train_loss"] = whole
+        return result
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
 
@@ -91,7 +151,33 @@ class ChatGLMTrainer(Seq2SeqTrainer):
 
     # ---- saving and loading --------------------------------------------------------------------
 
+    def _check_finite_before_saving(self, path: str) -> None:
+        bad = first_non_finite_parameter(self._unwrapped())
+        if bad:
+            raise TrainingDiverged(
+                f"refusing to save {path}: the trained parameter {bad} holds NaN or inf values (the run diverged "
+                f"at or before step {self.state.global_step}; lower --learning_rate). The newest checkpoint in "
+                f"{self.args.output_dir} is still the last good one")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self._check_finite_before_saving(path)
+        self._store_run_totals()
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            raise write_failed(path, e) from e
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not _internal_call:
+            self._check_finite_before_saving(output_dir or self.args.output_dir)
+            try:
+                return self._save_model(output_dir, _internal_call)
+            except (OSError, RuntimeError) as e:
+                raise write_failed(output_dir or self.args.output_dir, e) from e
+        return self._save_model(output_dir, _internal_call)
+
+    def _save_model(self, output_dir: str | None, _internal_call: bool) -> None:
         model = self._unwrapped()
         if not isinstance(model, PrefixTuningModel):
             return super().save_model(output_dir, _internal_call)
@@ -102,6 +188,21 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint:
+            self._learning_rate_from_the_schedule()
+
+    def _learning_rate_from_the_schedule(self) -> None:
+        """On resume the optimizer's learning rate is the one the checkpoint's last step left; set the one
+        this run's schedule gives for the step, so a changed max_steps is applied from the first step."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            step = scheduler.last_epoch
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(step)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what gets logged
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model or self.model)
