@@ -116,7 +116,11 @@ def train_to_the_end(trainer, resume_from: str | None):
         if not trainer.preemption.preempted:
             trainer.save_model()
     except TrainingDiverged as e:
-        fail(str(e) if main_process else "training diverged (see the main process)", DIVERGED_EXIT_CODE)
+        from trainer import find_resume_checkpoint
+
+        newest = find_resume_checkpoint(trainer.args.output_dir)
+        fail(f"{e}; the newest checkpoint, still good: {newest or 'none'}" if main_process
+             else "training diverged (see the main process)", DIVERGED_EXIT_CODE)
     except CheckpointWriteError as e:
         fail(str(e), WRITE_FAILED_EXIT_CODE)
     if trainer.preemption.preempted:

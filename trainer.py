@@ -61,7 +61,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.divergence_guard.observe_loss(loss)
-        return loss
+        return self.divergence_guard.loss_to_accumulate(loss)
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm)
@@ -75,6 +75,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            self.divergence_guard.correct_logged_loss(logs, self.state.global_step)
             self._count_supervised_tokens()
             logs["supervised_tokens"] = self.state.supervised_tokens
         super().log(logs, start_time)
@@ -155,9 +156,9 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         bad = first_non_finite_parameter(self._unwrapped())
         if bad:
             raise TrainingDiverged(
-                f"refusing to save {path}: the trained parameter {bad} holds NaN or inf values (the run diverged "
-                f"at or before step {self.state.global_step}; lower --learning_rate). The newest checkpoint in "
-                f"{self.args.output_dir} is still the last good one")
+                f"training diverged at or before step {self.state.global_step}: the trained parameter {bad} holds "
+                f"NaN or inf values, so {path} was not saved. Likely cause: the learning rate is too high "
+                f"(--learning_rate {self.args.learning_rate}): lower it")
 
     def _save_checkpoint(self, model, trial) -> None:
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")

@@ -61,6 +61,8 @@ class DivergenceGuard(TrainerCallback):
         self.bad_steps_in_a_row = 0
         self.skipped_in_a_row = 0
         self.skipped_steps = 0
+        self._skipped_since_log = 0
+        self._last_logged_step = 0
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -74,6 +76,21 @@ class DivergenceGuard(TrainerCallback):
 
     def observe_grad_norm(self, grad_norm) -> None:
         self.grad_norm = grad_norm
+
+    def loss_to_accumulate(self, loss: torch.Tensor) -> torch.Tensor:
+        """With patience, a skipped batch's NaN must not poison the running loss sum: it adds 0 and
+        `correct_logged_loss` averages over the steps that were not skipped."""
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) if self.patience else loss
+
+    def correct_logged_loss(self, logs: dict, global_step: int) -> None:
+        window, skipped = global_step - self._last_logged_step, self._skipped_since_log
+        self._last_logged_step, self._skipped_since_log = global_step, 0
+        if skipped:
+            logs["loss"] = logs["loss"] * window / (window - skipped) if window > skipped else float("nan")
+            logs["skipped_steps"] = self.skipped_steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_logged_step = state.global_step
 
     # ---- callback events ----
 
@@ -90,6 +107,7 @@ class DivergenceGuard(TrainerCallback):
         for parameter in model.parameters():  # optimizers leave parameters without a gradient untouched
             parameter.grad = None
         self.skipped_steps += 1
+        self._skipped_since_log += 1
         logger.warning("Skipped optimizer step %d: %s (%d of --nan_patience %d in a row)", state.global_step + 1,
                        problem, self.bad_steps_in_a_row, self.patience)
 
@@ -130,5 +148,4 @@ class DivergenceGuard(TrainerCallback):
                      f"({args.learning_rate})")
         else:
             cause = f"the learning rate is too high (--learning_rate {args.learning_rate}): lower it"
-        return (f"training diverged at step {step}: {problem}. Likely cause: {cause}. Nothing from this step "
-                f"on was saved; the newest checkpoint in {args.output_dir} is still the last good one")
+        return f"training diverged at step {step}: {problem}. Likely cause: {cause}. Nothing from this step on was saved"

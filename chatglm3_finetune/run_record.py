@@ -127,6 +127,8 @@ def plan_run(output_dir: str, settings: dict, schedule: dict, checkpoint_step: i
             raise _refuse(output_dir, f"trained with other settings ({'; '.join(changed)})")
         last = record["starts"][-1]["schedule"] if record.get("starts") else schedule
         finished = record.get("finished")
+        if finished and _final_step(output_dir) != finished["global_step"]:
+            finished = None  # its final files are gone (removed by hand): treat it as interrupted
         if finished and schedule == finished["schedule"]:
             plan.finished = True
             return plan
@@ -149,6 +151,14 @@ def plan_run(output_dir: str, settings: dict, schedule: dict, checkpoint_step: i
                                  "resumed_from_step": checkpoint_step, "schedule": schedule})
         write_record(output_dir, record)
     return plan
+
+
+def _final_step(output_dir: str) -> int | None:
+    try:
+        with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
+            return json.load(f).get("global_step")
+    except (OSError, ValueError):
+        return None
 
 
 def mark_finished(output_dir: str, global_step: int, schedule: dict) -> None:
