@@ -119,3 +119,45 @@ def test_a_nan_learning_rate_is_refused_before_loading(tiny_model_dir, formatted
                                        "--learning_rate", "nan"), check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --learning_rate must be a finite number >= 0, got nan"
+
+
+class FakeArgs:
+    device = torch.device("cpu")
+    learning_rate = 1e-3
+    output_dir = "out"
+
+
+class FakeState:
+    global_step = 0
+
+
+def test_fp16_stops_after_a_long_run_of_skipped_steps_only():
+    from types import SimpleNamespace
+
+    from chatglm3_finetune.divergence import FP16_SKIPPED_STEPS_LIMIT, DivergenceGuard, TrainingDiverged
+
+    guard, state = DivergenceGuard(fp16=True), FakeState()
+    skipped, stepped = SimpleNamespace(step_was_skipped=True), SimpleNamespace(step_was_skipped=False)
+    for optimizer in [skipped] * (FP16_SKIPPED_STEPS_LIMIT - 1) + [stepped] + [skipped] * (FP16_SKIPPED_STEPS_LIMIT - 1):
+        state.global_step += 1
+        guard.observe_grad_norm(float("inf"))  # overflowing gradients alone are the loss scaler's business
+        guard.on_pre_optimizer_step(FakeArgs, state, None, model=None)
+        guard.on_step_end(FakeArgs, state, None, optimizer=optimizer)
+    state.global_step += 1
+    with pytest.raises(TrainingDiverged, match=f"the last {FP16_SKIPPED_STEPS_LIMIT} optimizer steps were all skipped "
+                                               f"by fp16 loss scaling.*Likely cause: fp16 overflow"):
+        guard.on_step_end(FakeArgs, state, None, optimizer=skipped)
+
+
+def test_under_deepspeed_a_non_finite_gradient_norm_stops_at_the_step_end():
+    from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged
+
+    guard, state = DivergenceGuard(deepspeed=True), FakeState()
+    guard.observe_loss(torch.tensor(2.0))
+    guard.observe_grad_norm(2.0)
+    guard.on_step_end(FakeArgs, state, None)
+    state.global_step = 2
+    guard.observe_loss(torch.tensor(2.0))
+    guard.observe_grad_norm(float("nan"))
+    with pytest.raises(TrainingDiverged, match="diverged at step 2: the gradient norm is nan"):
+        guard.on_step_end(FakeArgs, state, None)
