@@ -27,11 +27,18 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)  # schedule changes applied, logged once training starts
 
 
-def file_digest(path: str) -> str:
+def data_digest(path: str) -> str:
+    """A content hash of a data file, or of every file (and its name) in a dataset folder."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    else:
+        files = [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        digest.update(os.path.relpath(file, path).encode("utf-8", "surrogateescape"))
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -49,15 +56,15 @@ def trained_settings(model_args, data_args, training_args) -> dict:
     """Every setting that changes what is trained; a resume must not change any of them."""
     method = model_args.tuning_method
     settings = {
-        "data": f"{os.path.abspath(data_args.train_file)} (sha256 {file_digest(data_args.train_file)})",
+        "data": f"{os.path.abspath(data_args.train_file)} (sha256 {data_digest(data_args.train_file)})",
+        "train_split": getattr(data_args, "train_split", None),
         "max_train_samples": data_args.max_train_samples,
         "train_format": data_args.train_format,
         "model": os.path.abspath(model_args.model_name_or_path),
         "tokenizer": model_args.tokenizer_name and os.path.abspath(model_args.tokenizer_name),
         "method": method,
         "quantization_bit": model_args.quantization_bit,
-        "length caps": (data_args.max_seq_length if data_args.train_format == "multi-turn"
-                        else [data_args.max_source_length, data_args.max_target_length]),
+        "length caps": [data_args.max_seq_length, data_args.max_source_length, data_args.max_target_length],
         "truncation_policy": data_args.truncation_policy,
         "packing": data_args.packing,
         "deepspeed stage": deepspeed_stage(training_args.deepspeed),
