@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     except OptionError as e:
         fail(str(e))
     setup_logging(training_args)
-    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
     resume_from = prepare_output_dir(model_args, data_args, training_args)
 
