@@ -7,7 +7,8 @@
     python finetune.py args.json      # one .json or .yaml file instead of the flags
 
 Rerunning the same command into the same --output_dir continues from its newest complete
-checkpoint; --resume_from_checkpoint PATH names one.
+checkpoint; --resume_from_checkpoint PATH names one. Exit codes: 0 done, 2 a user mistake, 3 the run
+diverged, 4 a checkpoint could not be written, 75 stopped by SIGTERM/SIGINT with a checkpoint.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The Trainer subclass: saves only what was trained (the P-Tuning prefix, LoRA adapters) or the
-whole model for full fine-tuning, logs supervised tokens, writes run_config.json and a loss
-curve, and finds the checkpoint to resume from.
+whole model for full fine-tuning (never non-finite weights), logs supervised tokens, keeps run totals
+across resumes, runs the divergence guard and the stop-and-save handler, writes run_config.json and
+a loss curve, and finds the checkpoint to resume from.
 """
 
 from __future__ import annotations
