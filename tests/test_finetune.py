@@ -39,23 +39,23 @@ def test_missing_data_file_is_rejected(tiny_model_dir, tmp_path, finetune_in_pro
 BAD_RECORD = '{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}\n'
 
 
-def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path, finetune_in_process):
-    data = tmp_path / "bad.jsonl"
-    data.write_text(BAD_RECORD)
-    result = finetune_in_process(*common_args(tiny_model_dir, str(data), tmp_path / "o"))
+def assert_bad_record_refused(result, data):
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"error: {data}:1: conversations[1].content: must be a string, found a number")
     assert "Traceback" not in result.stderr
+
+
+def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path, finetune_in_process):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(BAD_RECORD)
+    assert_bad_record_refused(finetune_in_process(*common_args(tiny_model_dir, str(data), tmp_path / "o")), data)
 
 
 def test_a_user_mistake_exits_2_without_traceback_from_a_real_process(tiny_model_dir, tmp_path):
     """The in-process tests above see SystemExit; this one sees what a shell sees."""
     data = tmp_path / "bad.jsonl"
     data.write_text(BAD_RECORD)
-    result = run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith(f"error: {data}:1: conversations[1].content: must be a string, found a number")
-    assert "Traceback" not in result.stderr
+    assert_bad_record_refused(run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False), data)
 
 
 def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
