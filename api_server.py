@@ -1,404 +1,170 @@
 """An OpenAI-compatible chat server for a (fine-tuned) ChatGLM3 model, with a web chat page at `/`.
 
     MODEL_PATH=models/base PT_PATH=output/pt python api_server.py           # base + P-Tuning prefix
-    python api_server.py --model output/full --tokenizer models/base --port 8000
+    python api_server.py --model output/full --tokenizer models/base --port 8000 --api-key "$KEY"
     curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+         -H "Authorization: Bearer $KEY" \\
          -d '{"model": "chatglm3", "messages": [{"role": "user", "content": "Hello"}]}'
 
 Endpoints: `POST /v1/chat/completions` (streaming or not, with tools), `GET /v1/models`, `GET /`
-(web/chat.html). Requests are generated one at a time, in arrival order.
+(web/chat.html). Concurrent requests are decoded together (`batched_decoding`); the OpenAI
+protocol and its translation to ChatGLM3 messages live in `chatglm3_finetune.openai_protocol`.
+This file is the app (limits, errors, the API key, streaming) and the command line.
 
-How OpenAI messages become ChatGLM3 messages (exactly as training renders them):
-- `tools` = [{"type": "function", "function": F}, ...] -> a first system message
-  `tools_system_prompt([F, ...])`: the function specs (name, description, parameters), the shape
-  a `tools` list has in the training data. `tool_choice: "none"` leaves them out.
-- system / developer / user -> the same native role; text content parts are joined.
-- an assistant message with `tool_calls` -> its text (if any) as a plain assistant message, then
-  per call an assistant message with metadata = the function name and text =
-  `render_tool_call(name, arguments)`, each followed by its `tool` result as an observation.
-And back: the model may write a plain message, then `<|assistant|>` and a tool call (the layout of
-ToolAlpaca training data). The plain parts become `content`, the calls `tool_calls`
-(`finish_reason: "tool_calls"`); a reply that looks like a call but cannot be read is returned
-as text.
+Every wait is bounded: the body must arrive within --body-timeout and fit --max-body-bytes (413),
+at most --max-queue requests wait for a batch slot (429 + Retry-After), max_tokens is capped by
+--max-tokens-limit, a client that stops reading a stream for --send-timeout is dropped, and a
+client that leaves (streaming or not) frees its batch slot at the next token.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
 import json
 import logging
 import os
 import sys
+import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
+from chatglm3_finetune.batched_decoding import BatchedDecoder, GenerationJob, Progress, QueueFull, Sampling
 from chatglm3_finetune.chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
-from chatglm3_finetune.chat_parsing import ToolCall, parse_assistant_reply
-from chatglm3_finetune.chat_format import render_tool_call
-from chatglm3_finetune.chat_format import Message, tools_system_prompt
+from chatglm3_finetune.openai_protocol import (ChatCompletionRequest, ProtocolError, StreamedReply, completion_id,
+                                               completion_message, error_body, parse_chat_request, usage)
 
 logger = logging.getLogger("api_server")
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 DEFAULT_MAX_TOKENS = 1024
-MAX_STOP_STRINGS = 4
-HEARTBEAT_S = 0.5  # while a tool call is being written (nothing to send), a comment line this often
-SYSTEM_ROLES = ("system", "developer")
-KNOWN_ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
+HEARTBEAT_S = 0.5  # while nothing can be sent (a tool call is being written), a comment line this often
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
-# ---- errors -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerLimits:
+    max_batch_size: int = 16  # requests decoded together; 1 turns batching off
+    max_queue: int = 64  # requests waiting for a batch slot before 429
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 30.0  # to receive the whole request body
+    send_timeout_s: float = 30.0  # for a client to take the next piece of a stream
+
 
 class RequestError(Exception):
     """A request the server refuses; becomes an OpenAI-style error body with this status."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 error_type: str = "invalid_request_error"):
+                 error_type: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.error_type = message, param, code, status, error_type
+        self.headers = headers
 
-    def body(self) -> dict:
-        return error_body(self.message, self.error_type, self.param, self.code)
-
-
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.error_type, self.param, self.code), status_code=self.status,
+                            headers=self.headers)
 
 
-# ---- requests: OpenAI JSON -> ChatGLM3 messages and generation options --------------------------
-
-@dataclass
-class ChatRequest:
-    messages: list[Message]
-    max_tokens: int | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    include_usage: bool = False
-    seed: int | None = None
-
-    def sampling(self) -> dict:
-        """chat_engine options: temperature 0 means greedy decoding."""
-        return {"do_sample": self.temperature > 0, "temperature": self.temperature, "top_p": self.top_p}
-
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """A validated ChatRequest from a decoded JSON body; RequestError (400) says what is wrong."""
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, found {_json_type(body)}")
-    _optional(body, "model", str)
-    if body.get("functions") is not None or body.get("function_call") is not None:
-        raise RequestError("'functions' and 'function_call' are the legacy API: send 'tools' instead", "functions")
-    n = _optional(body, "n", int)
-    if n not in (None, 1):
-        raise RequestError("only n=1 is supported", "n")
-    if _optional(body, "logprobs", bool):
-        raise RequestError("logprobs are not supported", "logprobs")
-    max_tokens = _optional(body, "max_tokens", int)
-    max_completion_tokens = _optional(body, "max_completion_tokens", int)
-    max_tokens = max_completion_tokens if max_completion_tokens is not None else max_tokens
-    if max_tokens is not None and max_tokens < 1:
-        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = _optional(body, "temperature", float)
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise RequestError(f"temperature must be between 0 and 2, got {temperature}", "temperature")
-    top_p = _optional(body, "top_p", float)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be above 0 and at most 1, got {top_p}", "top_p")
-    stream_options = _optional(body, "stream_options", dict) or {}
-    return ChatRequest(
-        messages=chat_messages(body.get("messages"), body.get("tools"), body.get("tool_choice")),
-        max_tokens=max_tokens,
-        temperature=DEFAULT_TEMPERATURE if temperature is None else float(temperature),
-        top_p=DEFAULT_TOP_P if top_p is None else float(top_p),
-        stop=_stop_strings(body.get("stop")),
-        stream=bool(_optional(body, "stream", bool)),
-        include_usage=bool(stream_options.get("include_usage")),
-        seed=_optional(body, "seed", int),
-    )
-
-
-def chat_messages(messages: Any, tools: Any = None, tool_choice: Any = None) -> list[Message]:
-    """The ChatGLM3 messages of an OpenAI `messages` list (+ `tools`), in training's layout."""
-    if messages is None:
-        raise RequestError("'messages' is required: a list of {role, content} objects", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
-    specs = tool_specs(tools)
-    if tool_choice not in (None, "auto", "none"):
-        raise RequestError("tool_choice must be 'auto' or 'none': the model cannot be forced to call a tool",
-                           "tool_choice")
-    rendered = [Message("system", "", tools_system_prompt(specs), False)] if specs and tool_choice != "none" else []
-    index = 0
-    while index < len(messages):
-        message, param = messages[index], f"messages[{index}]"
-        role = _role(message, param)
-        if role in SYSTEM_ROLES:
-            rendered.append(Message("system", "", message_text(message, param), False))
-        elif role == "user":
-            rendered.append(Message("user", "", message_text(message, param), False))
-        elif role == "tool":
-            rendered.append(Message("observation", "", message_text(message, param), False))
-        else:
-            text = message_text(message, param, required=False)
-            calls = _tool_calls(message.get("tool_calls"), f"{param}.tool_calls")
-            if text.strip() or not calls:
-                rendered.append(Message("assistant", "", text, False))
-            if calls:
-                end = index + 1
-                while end < len(messages) and isinstance(messages[end], dict) and messages[end].get("role") == "tool":
-                    end += 1
-                results = [(messages[i], f"messages[{i}]") for i in range(index + 1, end)]
-                rendered += _calls_with_results(calls, results)
-                index = end
-                continue
-        index += 1
-    return rendered
-
-
-def tool_specs(tools: Any) -> list:
-    """The function objects of an OpenAI `tools` list, as rendered into the tools system prompt."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise RequestError("'tools' must be a list of {type: 'function', function: {...}} objects", "tools")
-    specs = []
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-            raise RequestError("each tool must be {type: 'function', function: {name, description, parameters}}",
-                               f"tools[{i}]")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise RequestError("a function needs a non-empty string 'name'", f"tools[{i}].function.name")
-        specs.append(function)
-    return specs
-
-
-def message_text(message: dict, param: str, required: bool = True) -> str:
-    """A message's content as text: a string, or the joined text of its content parts."""
-    content = message.get("content")
-    if content is None:
-        if required:
-            raise RequestError(f"a {message['role']} message needs 'content'", f"{param}.content")
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError("only text content parts ({type: 'text', text: ...}) are supported",
-                                   f"{param}.content[{i}]")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise RequestError(f"content must be a string or a list of text parts, found {_json_type(content)}",
-                       f"{param}.content")
-
-
-@dataclass
-class RequestedCall:
-    id: str | None
-    name: str
-    arguments: dict
-
-
-def _role(message: Any, param: str) -> str:
-    if not isinstance(message, dict):
-        raise RequestError(f"each message must be an object with 'role' and 'content', found {_json_type(message)}",
-                           param)
-    role = message.get("role")
-    if role not in KNOWN_ROLES:
-        raise RequestError(f"role {role!r} is not one of {', '.join(KNOWN_ROLES)}", f"{param}.role")
-    if message.get("function_call") is not None:
-        raise RequestError("'function_call' is the legacy API: send 'tool_calls' instead", f"{param}.function_call")
-    return role
-
-
-def _tool_calls(calls: Any, param: str) -> list[RequestedCall]:
-    if calls is None:
-        return []
-    if not isinstance(calls, list):
-        raise RequestError("tool_calls must be a list", param)
-    parsed = []
-    for i, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise RequestError("a tool call needs function.name", f"{param}[{i}].function")
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as e:
-                raise RequestError(f"function.arguments is not valid JSON ({e.msg})",
-                                   f"{param}[{i}].function.arguments") from None
-        if not isinstance(arguments, dict):
-            raise RequestError("function.arguments must be a JSON object (as a string)",
-                               f"{param}[{i}].function.arguments")
-        parsed.append(RequestedCall(call.get("id"), function["name"], arguments))
-    return parsed
-
-
-def _calls_with_results(calls: list[RequestedCall], results: list[tuple[dict, str]]) -> list[Message]:
-    """Each call followed by its result (matched by tool_call_id, else in order), as ChatGLM3 has it."""
-    unused = list(results)
-    call_ids = {call.id for call in calls if call.id}
-    rendered = []
-    for call in calls:
-        match = next((r for r in unused if call.id and r[0].get("tool_call_id") == call.id), None)
-        if match is None:
-            match = next((r for r in unused if r[0].get("tool_call_id") not in call_ids), None)
-        rendered.append(Message("assistant", call.name, render_tool_call(call.name, call.arguments), False))
-        if match is not None:
-            unused.remove(match)
-            rendered.append(Message("observation", "", message_text(*match), False))
-    rendered += [Message("observation", "", message_text(*result), False) for result in unused]
-    return rendered
-
-
-def _stop_strings(stop: Any) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise RequestError("stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
-    return [s for s in stops if s]
-
-
-def _optional(body: dict, name: str, kind: type):
-    """body[name] when present and not null, checked to be of kind (an int passes as a float)."""
-    value = body.get(name)
-    if value is None:
-        return None
-    numeric = kind in (int, float) and not isinstance(value, bool)
-    if numeric and (isinstance(value, int) or (kind is float and isinstance(value, float))):
-        return value
-    if not numeric and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
-    raise RequestError(f"{name} must be {names[kind]}, found {_json_type(value)}", name)
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-# ---- replies: generated text -> OpenAI message --------------------------------------------------
-
-def read_segment(text: str) -> tuple[str, ToolCall | None]:
-    """(text to show, tool call) of one generated assistant message."""
-    reply = parse_assistant_reply(text)
-    if reply.tool_call is not None:
-        return "", reply.tool_call
-    if reply.metadata:  # interpreter code, or a call that could not be read: keep all of it
-        if reply.error:
-            logger.warning("the reply looks like a tool call but cannot be read: %s", reply.error)
-        return f"{reply.metadata}\n{reply.content}", None
-    return reply.content, None
-
-
-def assistant_message(segments: list[str]) -> tuple[str, list[ToolCall]]:
-    """(content, tool calls) of a whole reply: its plain messages joined by blank lines, its calls."""
-    texts, calls = [], []
-    for segment in segments:
-        text, call = read_segment(segment)
-        if call is not None:
-            calls.append(call)
-        elif text:
-            texts.append(text)
-    return "\n\n".join(texts), calls
-
-
-def tool_call_json(call: ToolCall) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.parameters, ensure_ascii=False)}}
-
-
-class StreamedReply:
-    """Turns the growing reply (its segments, see `chat_engine.split_reply`) into OpenAI deltas that
-    add up to `assistant_message`'s result.
-
-    A plain message (empty metadata line) streams as it comes, its trailing blanks held back
-    until more text follows; any other message (a tool call) is read whole once it has ended.
-    """
-
-    def __init__(self):
-        self.done = 0  # segments fully handled
-        self.sent = ""  # content of the current plain segment already sent
-        self.text_sent = False
-        self.calls: list[ToolCall] = []
-
-    def update(self, segments: list[str], final: bool = False) -> list[dict]:
-        deltas = []
-        for index in range(self.done, len(segments)):
-            complete = final or index < len(segments) - 1
-            deltas += self._segment_deltas(segments[index], complete)
-            if not complete:
-                break
-            self.done, self.sent = index + 1, ""
-        return deltas
-
-    def _segment_deltas(self, segment: str, complete: bool) -> list[dict]:
-        head, newline, rest = segment.partition("\n")
-        if newline and not head.strip():
-            content = rest.strip() if complete else rest.lstrip().rstrip()
-            return self._content(content)
-        if not complete:
-            return []
-        text, call = read_segment(segment)
-        if call is not None:
-            self.calls.append(call)
-            return [{"tool_calls": [{"index": len(self.calls) - 1, **tool_call_json(call)}]}]
-        return self._content(text)
-
-    def _content(self, content: str) -> list[dict]:
-        if len(content) <= len(self.sent):
-            return []
-        new = content[len(self.sent):]
-        if not self.sent and self.text_sent:
-            new = "\n\n" + new
-        self.sent, self.text_sent = content, True
-        return [{"content": new}]
+def decode_json(raw: bytes):
+    """The decoded body; RequestError for bytes that are not JSON, too deep, or numbers too long."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply to read") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers past Python's digit limit
+        raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object with 'messages'") from None
 
 
 # ---- the server ---------------------------------------------------------------------------------
 
+class ProgressRelay:
+    """Hands Progress from the model's thread to the requests' queues on the event loop, waking the
+    loop once for everything that piled up meanwhile (one step of a batch of 32 is one wake-up, not 32)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, progress: Progress) -> bool:
+        """False when the event loop has closed: nobody is waiting any more."""
+        with self.lock:
+            self.pending.append((queue, progress))
+            if self.scheduled:
+                return True
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, progress in pending:
+            queue.put_nowait(progress)
+
+
+async def next_update(updates: asyncio.Queue, timeout: float) -> Progress | None:
+    """The next Progress, or None after `timeout` s (no timer when one is already waiting)."""
+    if not updates.empty():
+        return updates.get_nowait()
+    try:
+        return await asyncio.wait_for(updates.get(), timeout)
+    except TimeoutError:
+        return None
+
+
+@dataclass
+class PreparedRequest:
+    request: ChatCompletionRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
 class ChatServer:
-    """The model behind the endpoints: one generation at a time, in arrival order."""
+    """The model behind the endpoints: requests become jobs of one BatchedDecoder."""
 
     def __init__(self, chat: ChatModel, model_name: str, max_context: int | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
-        self.chat, self.model_name, self.default_max_tokens = chat, model_name, default_max_tokens
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, limits: ServerLimits = ServerLimits()):
+        self.chat, self.model_name, self.limits = chat, model_name, limits
+        self.default_max_tokens = min(default_max_tokens, limits.max_tokens)
         self.max_context = max_context or getattr(getattr(chat.model, "config", None), "max_position_embeddings", None)
-        self.lock = anyio.Lock()
+        self.decoder = BatchedDecoder(chat, limits.max_batch_size, limits.max_queue)
+        self.relay: ProgressRelay | None = None
         self.created = int(time.time())
 
-    def prompt(self, request: ChatRequest) -> tuple[list[int], int]:
-        """(prompt ids, max new tokens); RequestError when the prompt leaves no room to answer."""
-        prompt_ids = self.chat.chat_input_ids(request.messages)
-        wanted = request.max_tokens or self.default_max_tokens
+    def prepare(self, raw: bytes) -> PreparedRequest:
+        """Body bytes -> validated request, prompt ids, answer length (CPU work: run it in a thread)."""
+        try:
+            request = parse_chat_request(decode_json(raw))
+            messages = request.chatglm_messages()
+        except ProtocolError as e:
+            raise RequestError(e.message, e.param, e.code) from None
+        prompt_ids = self.chat.chat_input_ids(messages)
+        wanted = request.requested_max_tokens or self.default_max_tokens
+        if wanted > self.limits.max_tokens:
+            raise RequestError(f"max_tokens {wanted} is above this server's limit of {self.limits.max_tokens}; ask "
+                               f"for fewer (the operator sets the limit with --max-tokens-limit)", "max_tokens")
         if self.max_context is None:
-            return prompt_ids, wanted
+            return PreparedRequest(request, prompt_ids, wanted)
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise RequestError(f"This model's maximum context length is {self.max_context} tokens, but the messages "
                                f"hold {len(prompt_ids)} tokens. Shorten the conversation (drop old turns or long "
                                f"tool results).", "messages", "context_length_exceeded")
-        return prompt_ids, min(wanted, room)
+        return PreparedRequest(request, prompt_ids, min(wanted, room))
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -406,90 +172,109 @@ class ChatServer:
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "local"}
 
-    async def complete(self, request: ChatRequest, prompt_ids: list[int], max_new_tokens: int,
-                       is_disconnected=None) -> dict | None:
-        """The chat.completion object, or None when the client left while the request waited its turn."""
+    def submit(self, prepared: PreparedRequest) -> tuple[GenerationJob, asyncio.Queue]:
+        """Queues the generation; its Progress snapshots arrive on the returned queue. 429 when full."""
+        if self.relay is None:
+            self.relay = ProgressRelay(asyncio.get_running_loop())
+        updates: asyncio.Queue = asyncio.Queue()
+
+        def on_progress(progress: Progress) -> None:
+            if not self.relay.put(updates, progress):
+                job.cancel()
+
+        request = prepared.request
+        temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+        sampling = Sampling(temperature, DEFAULT_TOP_P if request.top_p is None else request.top_p, request.seed)
+        job = GenerationJob(prepared.prompt_ids, prepared.max_new_tokens, sampling, request.stop_strings, on_progress)
+        try:
+            self.decoder.submit(job)
+        except QueueFull as e:
+            raise RequestError(f"the server is busy ({e}); retry in {e.retry_after} s", None, "rate_limit_exceeded",
+                               429, "requests", {"Retry-After": str(e.retry_after)}) from None
+        return job, updates
+
+    async def complete(self, prepared: PreparedRequest, is_disconnected) -> dict | None:
+        """The chat.completion object, or None when the client left (its generation is stopped)."""
         started = time.perf_counter()
-        async with self.lock:
-            if is_disconnected is not None and await is_disconnected():
-                return None
-            _seed(request.seed)
-            completion = await anyio.to_thread.run_sync(lambda: self.chat.generate_completions(
-                [prompt_ids], max_new_tokens, stop_strings=request.stop, **request.sampling())[0])
-        content, calls = assistant_message(self.chat.reply_segments(completion.token_ids, completion.text))
-        message = {"role": "assistant", "content": content if content or not calls else None}
-        if calls:
-            message["tool_calls"] = [tool_call_json(call) for call in calls]
-        finish_reason = "tool_calls" if calls else completion.finish_reason
-        _log_request(len(prompt_ids), len(completion.token_ids), finish_reason, started)
-        return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
+        job, updates = self.submit(prepared)
+        try:
+            progress, checked = None, time.monotonic()
+            while progress is None or not progress.done:
+                if time.monotonic() - checked > DISCONNECT_POLL_S:
+                    if await is_disconnected():
+                        return None
+                    checked = time.monotonic()
+                progress = await next_update(updates, DISCONNECT_POLL_S) or progress
+        finally:
+            job.cancel()
+        if progress.error is not None:
+            raise progress.error
+        message, finish_reason = await anyio.to_thread.run_sync(
+            lambda: completion_message(self.chat.reply_segments(progress.token_ids, progress.text),
+                                       progress.finish_reason))
+        _log_request(len(prepared.prompt_ids), len(progress.token_ids), finish_reason, started)
+        return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-                "usage": _usage(len(prompt_ids), len(completion.token_ids))}
+                "usage": usage(len(prepared.prompt_ids), len(progress.token_ids))}
 
-    async def stream_events(self, request: ChatRequest, prompt_ids: list[int], max_new_tokens: int,
-                            is_disconnected) -> AsyncIterator[str]:
-        """Server-sent events: a role chunk, content / tool-call chunks, the finish chunk, `[DONE]`.
-
-        Leaving the iteration early (the client went away) stops the generation."""
-        completion_id, created = _completion_id(), int(time.time())
+    async def stream_events(self, prepared: PreparedRequest, job: GenerationJob,
+                            updates: asyncio.Queue) -> AsyncIterator[str]:
+        """Server-sent events: a role chunk, content / tool-call chunks, the finish chunk, `[DONE]`;
+        a failure after the headers went out is an error event. Closing the iteration stops the job."""
+        stream_id, created, started = completion_id(), int(time.time()), time.perf_counter()
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            return _sse({"id": stream_id, "object": "chat.completion.chunk", "created": created,
                          "model": self.model_name,
                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
 
-        started = time.perf_counter()
-        async with self.lock:
-            if await is_disconnected():
-                return
-            _seed(request.seed)
-            stream = self.chat.stream(prompt_ids, max_new_tokens, stop_strings=request.stop, **request.sampling())
-            reply, text = StreamedReply(), ""
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                last_sent = time.monotonic()
-                while (piece := await anyio.to_thread.run_sync(next, stream, None)) is not None:
-                    text += piece
-                    deltas = reply.update(self.chat.reply_segments(stream.token_ids, text))
-                    for delta in deltas:
-                        yield chunk(delta)
-                    if deltas or time.monotonic() - last_sent > HEARTBEAT_S:
-                        if not deltas:  # a write is how a server notices that the client has gone
-                            yield ": generating\n\n"
-                        last_sent = time.monotonic()
-                for delta in reply.update(self.chat.reply_segments(stream.token_ids, stream.text), final=True):
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            reply, shown, progress, last_sent = StreamedReply(), "", None, time.monotonic()
+            while progress is None or not progress.done:
+                if time.monotonic() - last_sent > HEARTBEAT_S:  # writing is how a server notices a client left
+                    yield ": generating\n\n"
+                    last_sent = time.monotonic()
+                update = await next_update(updates, HEARTBEAT_S)
+                if update is None:
+                    continue
+                progress = update
+                shown += progress.piece
+                while not progress.done and not updates.empty():  # catch up on what queued meanwhile
+                    progress = updates.get_nowait()
+                    shown += progress.piece
+                if progress.error is not None:
+                    raise progress.error
+                deltas = await self._deltas(reply, progress, shown)
+                for delta in deltas:
                     yield chunk(delta)
-                finish_reason = "tool_calls" if reply.calls else stream.finish_reason
-                yield chunk({}, finish_reason)
-                if request.include_usage:
-                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                "model": self.model_name, "choices": [],
-                                "usage": _usage(len(prompt_ids), len(stream.token_ids))})
-                _log_request(len(prompt_ids), len(stream.token_ids), finish_reason, started)
-            except Exception as e:  # the headers are sent: report it in the stream
-                logger.exception("generation failed")
-                yield _sse(error_body(f"generation failed: {e}", "server_error"))
-            finally:
-                with anyio.CancelScope(shield=True):  # stop the generation thread before the next request
-                    await anyio.to_thread.run_sync(stream.close)
+                    last_sent = time.monotonic()
+            finish_reason = "tool_calls" if reply.calls else progress.finish_reason
+            yield chunk({}, finish_reason)
+            if prepared.request.include_usage:
+                yield _sse({"id": stream_id, "object": "chat.completion.chunk", "created": created,
+                            "model": self.model_name, "choices": [],
+                            "usage": usage(len(prepared.prompt_ids), len(progress.token_ids))})
+            _log_request(len(prepared.prompt_ids), len(progress.token_ids), finish_reason, started)
+        except Exception as e:  # the headers are sent: report it in the stream
+            logger.exception("generation failed")
+            yield _sse(error_body(f"generation failed: {e}", "server_error"))
+        finally:
+            job.cancel()
         yield "data: [DONE]\n\n"
 
 
-def _seed(seed: int | None) -> None:
-    if seed is not None:
-        import torch
+    async def _deltas(self, reply: StreamedReply, progress: Progress, shown: str) -> list[dict]:
+        """The stream's next deltas. While the reply is one open message (no `<|assistant|>` yet) this
+        is string slicing, done here; reading a finished message (a tool call: `ast`) goes to a thread."""
+        def deltas() -> list[dict]:
+            text = progress.text if progress.done else shown
+            return reply.update(self.chat.reply_segments(progress.token_ids, text), final=progress.done)
 
-        torch.manual_seed(seed)
-
-
-def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+        if not progress.done and self.chat.assistant_id not in progress.token_ids:
+            return deltas()
+        return await anyio.to_thread.run_sync(deltas)
 
 
 def _sse(payload: dict) -> str:
@@ -501,84 +286,134 @@ def _log_request(prompt_tokens: int, completion_tokens: int, finish_reason: str,
                 time.perf_counter() - started, finish_reason)
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """Closes the event generator however the response ends, so a client that leaves stops the
-    generation at once (not when the generator is garbage-collected)."""
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that end however the client goes: leaving closes the event generator
+    at once (which stops the generation), and a client that takes no data for `send_timeout_s`
+    is dropped instead of holding its slot."""
+
+    def __init__(self, events: AsyncIterator[str], job: GenerationJob, send_timeout_s: float):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job, self.send_timeout_s = job, send_timeout_s
 
     async def stream_response(self, send) -> None:
+        async def send_in_time(message) -> None:
+            with anyio.fail_after(self.send_timeout_s):
+                await send(message)
+
         try:
-            await super().stream_response(send)
+            await super().stream_response(send_in_time)
+        except TimeoutError:
+            logger.warning("a client stopped reading its stream for %.0f s: dropped", self.send_timeout_s)
         finally:
+            self.job.cancel()  # also when the events never started
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
 
 
+async def read_body(request: Request, limits: ServerLimits) -> bytes:
+    """The request body, refused with 413 beyond `max_body_bytes` and 408 if it takes too long."""
+    too_large = RequestError(f"the request body is larger than this server's limit of {limits.max_body_bytes} "
+                             f"bytes; send a shorter conversation", code="request_too_large", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(limits.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {limits.body_timeout_s:.0f} s",
+                           code="request_timeout", status=408) from None
+    return b"".join(chunks)
+
+
+def api_key_check(api_key: str | None):
+    """A FastAPI dependency: 401 unless `Authorization: Bearer <api_key>` (no check without a key)."""
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            message = ("Incorrect API key provided." if request.headers.get("authorization") else
+                       "No API key provided: send the header 'Authorization: Bearer YOUR_KEY'.")
+            raise RequestError(message, code="invalid_api_key", status=401, headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
 def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int | None = None,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS, cors_origins: list[str] | None = None):
-    """The FastAPI app serving `chat`; `max_context` defaults to the model's max_position_embeddings."""
-    server = ChatServer(chat, model_name, max_context, default_max_tokens)
-    app = FastAPI(title="ChatGLM3 chat API", docs_url=None, redoc_url=None, openapi_url=None)
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, cors_origins: list[str] | None = None,
+               limits: ServerLimits = ServerLimits(), api_key: str | None = None):
+    """The FastAPI app serving `chat`; `max_context` defaults to the model's max_position_embeddings;
+    with `api_key`, every /v1 endpoint needs `Authorization: Bearer <api_key>`."""
+    server = ChatServer(chat, model_name, max_context, default_max_tokens, limits)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await anyio.to_thread.run_sync(server.decoder.close)
+
+    app = FastAPI(title="ChatGLM3 chat API", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.chat_server = server
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    def error_response(error: RequestError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError):
-        return error_response(error)
+        return error.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return error_response(RequestError(first.get("msg", "invalid request"), param))
+        return RequestError(first.get("msg", "invalid request"), param).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         if error.status_code == 404:
             message = (f"no such endpoint: {request.method} {request.url.path}. This server has POST "
                        f"/v1/chat/completions, GET /v1/models and the chat page at /")
-            return error_response(RequestError(message, code="not_found", status=404))
+            return RequestError(message, code="not_found", status=404).response()
         if error.status_code == 405:
-            return error_response(RequestError(f"{request.method} is not allowed on {request.url.path}",
-                                               code="method_not_allowed", status=405))
-        return error_response(RequestError(str(error.detail), status=error.status_code))
+            return RequestError(f"{request.method} is not allowed on {request.url.path}",
+                                code="method_not_allowed", status=405).response()
+        return RequestError(str(error.detail), status=error.status_code).response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
-        logger.exception("request failed")
+        logger.exception("request failed: a bug in the server")
         return JSONResponse(error_body(f"the server failed: {error}", "server_error"), status_code=500)
 
-    @app.get("/v1/models")
+    api = APIRouter(prefix="/v1", dependencies=[Depends(api_key_check(api_key))])
+
+    @api.get("/models")
     async def list_models():
         return server.models()
 
-    @app.get("/v1/models/{model_id:path}")
+    @api.get("/models/{model_id:path}")
     async def get_model(model_id: str):
         if model_id != server.model_name:
             raise RequestError(f"model {model_id!r} is not served here; this server serves {server.model_name!r}",
                                "model", "model_not_found", status=404)
         return server.model_card()
 
-    @app.post("/v1/chat/completions")
+    @api.post("/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e}); send a JSON object with 'messages'") from None
-        chat_request = parse_chat_request(body)
-        prompt_ids, max_new_tokens = server.prompt(chat_request)
-        if chat_request.stream:
-            events = server.stream_events(chat_request, prompt_ids, max_new_tokens, request.is_disconnected)
-            return ClosingStreamingResponse(events, media_type="text/event-stream",
-                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await server.complete(chat_request, prompt_ids, max_new_tokens, request.is_disconnected)
+        raw = await read_body(request, limits)
+        prepared = await anyio.to_thread.run_sync(server.prepare, raw)
+        if prepared.request.stream:
+            job, updates = server.submit(prepared)
+            return EventStreamResponse(server.stream_events(prepared, job, updates), job, limits.send_timeout_s)
+        answer = await server.complete(prepared, request.is_disconnected)
         return answer if answer is not None else Response(status_code=499)  # nobody is there to read it
+
+    app.include_router(api)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
@@ -590,6 +425,16 @@ def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int |
 
 
 # ---- command line ---------------------------------------------------------------------------------
+
+LIMIT_FLAGS = (  # flag, ServerLimits field, type, help
+    ("--max-batch-size", "max_batch_size", int, "requests decoded together (1 turns batching off)"),
+    ("--max-queue", "max_queue", int, "requests that may wait for a batch slot; beyond that: 429 with Retry-After"),
+    ("--max-tokens-limit", "max_tokens", int, "the largest max_tokens a request may ask for (larger: 400)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body (larger: 413)"),
+    ("--body-timeout", "body_timeout_s", float, "seconds for a client to send its whole request body (then 408)"),
+    ("--send-timeout", "send_timeout_s", float, "seconds a streaming client may stop reading before it is dropped"),
+)
+
 
 def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> argparse.Namespace:
     """Flags, with MODEL_PATH, TOKENIZER_PATH, PT_PATH and LORA_PATH from the environment as defaults."""
@@ -618,6 +463,11 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="a web origin allowed to call the API from a browser (repeatable; the page at / "
                              "needs none)")
+    parser.add_argument("--api-key", default=env.get("API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (env API_KEY; the web page asks for it)")
+    defaults = ServerLimits()
+    for flag, name, kind, text in LIMIT_FLAGS:
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), help=text)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest for small "
                              "models on a busy machine)")
@@ -625,11 +475,21 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("give the model folder with --model or MODEL_PATH")
-    for name in ("port", "max_context", "default_max_tokens", "threads"):
+    positive = {f"--{name.replace('_', '-')}": name for name in ("port", "max_context", "default_max_tokens", "threads")}
+    positive.update({flag: name for flag, name, _, _ in LIMIT_FLAGS if name != "max_queue"})
+    for flag, name in positive.items():
         value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and value <= 0:
+            parser.error(f"{flag} must be positive, got {value}")
+    if args.max_queue < 0:
+        parser.error(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("--api-key (or API_KEY) is empty: give a key, or unset it to serve without one")
     return args
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(**{name: getattr(args, name) for _, name, _, _ in LIMIT_FLAGS})
 
 
 def served_model_name(args: argparse.Namespace) -> str:
@@ -655,8 +515,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(chat, served_model_name(args), args.max_context, args.default_max_tokens, args.cors_origin)
-    logger.info("serving %s on http://%s:%d (chat page at /)", served_model_name(args), args.host, args.port)
+    try:
+        app = create_app(chat, served_model_name(args), args.max_context, args.default_max_tokens, args.cors_origin,
+                         server_limits(args), args.api_key)
+    except ValueError as e:  # a model the batched decoder cannot drive
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logger.info("serving %s on http://%s:%d (chat page at /)%s", served_model_name(args), args.host, args.port,
+                "" if args.api_key else "; no API key: anyone who can reach the port can use the model")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     return 0
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS
+from chatglm3_finetune.records import ALPACA, AUTO, MULTI_TURN, OPENAI, SHAREGPT, TRAIN_FORMATS
 
 from chatglm3_finetune.encoding import TRUNCATION_POLICIES
 
@@ -57,11 +57,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_format: str = field(metadata={"help": "multi-turn (conversations, tools) or input-output (prompt, response)",
-                                        "choices": TRAIN_FORMATS})
-    train_file: str | None = field(default=None, metadata={"help": ".json or .jsonl training data"})
-    validation_file: str | None = field(default=None, metadata={"help": "data for --do_eval"})
-    test_file: str | None = field(default=None, metadata={"help": "data for --do_predict"})
+    train_format: str = field(metadata={
+        "help": "multi-turn (conversations, tools), input-output (prompt, response), openai (messages), sharegpt "
+                "(conversations of from/value), alpaca (instruction, input, output), or auto: recognised from the "
+                "first record", "choices": TRAIN_FORMATS})
+    train_file: str | None = field(default=None, metadata={
+        "help": "training data: .jsonl, .json, .parquet, or a folder saved with datasets' save_to_disk"})
+    validation_file: str | None = field(default=None, metadata={"help": "data for --do_eval (as --train_file)"})
+    test_file: str | None = field(default=None, metadata={"help": "data for --do_predict (as --train_file)"})
+    train_split: str | None = field(default=None, metadata={"help": "the split of a --train_file DatasetDict folder"})
+    validation_split: str | None = field(default=None, metadata={"help": "the split of a --validation_file folder"})
+    test_split: str | None = field(default=None, metadata={"help": "the split of a --test_file folder"})
     max_seq_length: int = field(default=2048, metadata={"help": "multi-turn: longest sequence kept, in tokens"})
     max_source_length: int = field(default=1024, metadata={"help": "input-output: prompt cap, with [gMASK] sop"})
     max_target_length: int = field(default=128, metadata={"help": "input-output: response cap, before the eos"})
@@ -83,6 +89,9 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "use only the first N test records"})
+
+    # multi-turn or input-output: what the data became, set when it is read (data_formats.record_format_of)
+    resolved_format: str | None = field(default=None, init=False)
 
     @property
     def cache_dir(self) -> str:
@@ -112,7 +121,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data_args, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.exists(path):
             raise OptionError(f"--{name} {path}: no such file")
     if not os.path.isdir(model_args.model_name_or_path):
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
@@ -133,11 +142,12 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
     if data_args.packing and model_args.attn_implementation == "eager":
         raise OptionError("--packing needs sdpa (the default) or flash_attention_2 attention: eager attention "
                           "adds the mask, and packed rows carry a boolean block-diagonal one")
-    limits = (data_args.max_seq_length,) if data_args.train_format == MULTI_TURN else (
+    limits = (data_args.max_seq_length,) if data_args.train_format in (MULTI_TURN, OPENAI, SHAREGPT) else (
         data_args.max_source_length, data_args.max_target_length)
+    if data_args.train_format in (ALPACA, AUTO):  # the data decides which caps apply
+        limits = (data_args.max_seq_length, data_args.max_source_length, data_args.max_target_length)
     if any(limit is not None and limit < 3 for limit in limits):
         raise OptionError(f"length caps must be at least 3 tokens, got {limits}")
-    assert data_args.train_format in (MULTI_TURN, INPUT_OUTPUT)
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:

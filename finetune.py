@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     except OptionError as e:
         fail(str(e))
     setup_logging(training_args)
-    if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
+        training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
 
     try:
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if training_args.do_train:
             splits["train"] = load_split(data_args.train_file, data_args.max_train_samples, tokenizer,
-                                         data_args, training_args, "training")
+                                         data_args, training_args, "training", data_args.train_split, "--train_split")
         if training_args.do_eval and not generating:
-            splits["eval"] = load_split(data_args.validation_file, data_args.max_eval_samples, tokenizer,
-                                        data_args, training_args, "validation")
+            splits["eval"] = load_split(data_args.validation_file, data_args.max_eval_samples, tokenizer, data_args,
+                                        training_args, "validation", data_args.validation_split, "--validation_split")
         if training_args.do_predict and not generating:
             splits["test"] = load_split(data_args.test_file, data_args.max_predict_samples, tokenizer,
-                                        data_args, training_args, "test")
+                                        data_args, training_args, "test", data_args.test_split, "--test_split")
         if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
             from chatglm3_finetune.evaluation import GenerationEval
 

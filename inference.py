@@ -6,6 +6,7 @@
     python inference.py --tokenizer BASE --model FULL_CHECKPOINT       # a fully fine-tuned model
     python inference.py --model BASE --lora ADAPTER --prompt "Hello"   # one answer
     python inference.py --model BASE --pt-checkpoint CKPT --input test.jsonl --output preds.jsonl
+    python inference.py --model BASE --lora ADAPTER --input DATASET_FOLDER --split test --output preds.jsonl
 
 Chat loop: type a message; `clear` starts over, `exit` or end of input quits. When the model
 calls a tool (or writes interpreter code) the call is shown parsed and you type the observation
@@ -13,8 +14,9 @@ calls a tool (or writes interpreter code) the call is shown parsed and you type 
 reply may hold several assistant messages (ToolAlpaca-style: a thought, then the call): the
 first streams as it is generated, each is kept in the history as its own message.
 
-File mode writes every input record with a `prediction` field to --output: the generated text
-for a prompt/response record; for a conversation a list with one entry per assistant, tool and
+File mode reads any training format (recognised from the first record, see README "1. Data") and
+writes every input record, as this project's record, with a `prediction` field to --output: the
+generated text for a prompt/response record; for a conversation a list with one entry per assistant, tool and
 interpreter turn ({"turn", "role", "text", "content", "tool_call", "code", "error"}), each
 generated from the conversation before that turn. Metrics (rouge-1, rouge-2, rouge-l, bleu-4,
 plus tool-call metrics for conversations) are printed and written to OUTPUT.metrics.json.
@@ -64,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chat.add_argument("--tools", help="JSON file with a list of tools, rendered into the system prompt as in training")
     chat.add_argument("--prompt", help="answer this one message and exit")
     files = parser.add_argument_group("files")
-    files.add_argument("--input", help="data file (.json list or .jsonl) of prompt/response or conversation records")
+    files.add_argument("--input", help="data (.jsonl, .json, .parquet or a datasets folder) in any training format: "
+                                       "prompt/response, conversations, OpenAI messages, ShareGPT or Alpaca")
+    files.add_argument("--split", help="the split of an --input dataset folder that holds several")
     files.add_argument("--output", help="where --input's predictions go (JSON lines)")
     files.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     files.add_argument("--max-source-length", type=int, default=1024,
@@ -268,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise DataError("--output must not be the --input file")
-            train_format, records = read_eval_records(args.input)
+            data = read_eval_records(args.input, args.split)
+            print(data.describe(), file=sys.stderr, flush=True)
+            train_format, records = data.record_format, [record for _, record in data.records]
         from chatglm3_finetune.chat_engine import load_chat_model
 
         chat = load_chat_model(args.model, args.tokenizer, args.pt_checkpoint, args.pt_pre_seq_len, args.lora,

@@ -2,6 +2,7 @@
 sanity check finetune.py prints), without loading a model.
 
     python preprocess_utils.py --tokenizer DIR --train_format multi-turn --data FILE [--index N]
+    python preprocess_utils.py --tokenizer DIR --train_format auto --data FOLDER --split train
 
 The data code itself lives in the package: `records` (read and validate), `chat_format` (the
 conversation format), `encoding` (ids and labels), `training_data` (tokenized datasets) and
@@ -21,17 +22,20 @@ from chatglm3_finetune.encoding import (  # noqa: F401
 from chatglm3_finetune.records import (  # noqa: F401
     INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
 )
+from chatglm3_finetune.data_formats import load_data
 from chatglm3_finetune.tokenizer import load_tokenizer
 from chatglm3_finetune.training_data import TruncationReport, tokenize_records  # noqa: F401
 
 
-def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0) -> list[str]:
-    """Validates the whole file; returns the sanity check of record `index` and a summary line."""
-    records = read_records(path)
-    validate_records(records, train_format)
+def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0,
+            split: str | None = None) -> list[str]:
+    """Validates the whole file; returns the sanity check of record `index`, the format the data was
+    read as and a summary line."""
+    data = load_data(path, train_format, split)
+    records = data.records
     if not 0 <= index < len(records):
         raise DataError(f"{path}: --index {index} is out of range (the file has {len(records)} records)")
-    encoded = [encode_record(tokenizer, record, train_format, limits) for _, record in records]
+    encoded = [encode_record(tokenizer, record, data.record_format, limits) for _, record in records]
     report = TruncationReport(
         records=len(encoded), tokens=sum(len(e.input_ids) for e in encoded),
         targets=sum(e.as_dict()["num_targets"] for e in encoded),
@@ -39,14 +43,16 @@ def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index
         lost_stop=sum(e.lost_stop for e in encoded),
     )
     chosen = encoded[index]
-    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [report.summary()]
+    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [data.describe(), report.summary()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Validate a data file and preview one record's tokens.")
     parser.add_argument("--tokenizer", required=True, help="folder holding a ChatGLM3 tokenizer.model")
     parser.add_argument("--train_format", required=True, choices=TRAIN_FORMATS)
-    parser.add_argument("--data", required=True, help=".json (a list) or .jsonl (one record a line)")
+    parser.add_argument("--data", required=True, help=".json (a list), .jsonl (one record a line), .parquet, or a "
+                                                      "folder saved with datasets' save_to_disk")
+    parser.add_argument("--split", help="the split of a --data folder that holds several")
     parser.add_argument("--index", type=int, default=0, help="which record to show (default 0)")
     parser.add_argument("--max_seq_length", type=int, default=None)
     parser.add_argument("--max_source_length", type=int, default=None)
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         lines = preview(tokenizer, args.data, args.train_format,
                         LengthLimits(args.max_seq_length, args.max_source_length, args.max_target_length),
-                        args.index)
+                        args.index, args.split)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

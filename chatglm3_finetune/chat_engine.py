@@ -37,7 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
-from .model_loading import ModelLoadError, load_base_model, resolve_dtype
+from .model_loading import ModelLoadError, load_base_model, peft_deprecations_silenced, resolve_dtype
 from .chat_format import Message, build_chat_input
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,50 @@ class _TokenQueue(BaseStreamer):
 _FINISHED = object()
 
 
+class ReplyText:
+    """A reply's text as its tokens arrive: it ends at a stop token, a stop string or
+    `max_new_tokens`, and `add` hands out only what can no longer change (not an incomplete UTF-8
+    character, not the start of a stop string); the pieces add up to `text`."""
+
+    def __init__(self, decode, stop_token_ids: list[int], stop_strings: list[str], max_new_tokens: int):
+        self.decode, self.stop_token_ids, self.stop_strings = decode, stop_token_ids, list(stop_strings)
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self._emitted = ""
+
+    def add(self, tokens: list[int]) -> str:
+        """Takes new tokens (the stop token included, which ends the reply); returns the new text to show."""
+        for token in tokens:
+            if token in self.stop_token_ids:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(token)
+        text = self.decode(self.token_ids)
+        found = first_stop_string(text, self.stop_strings)
+        if found is not None:
+            text, self.finish_reason = text[:found[0]], "stop"
+        self.text = text
+        if self.finish_reason is None and len(self.token_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return self._ready()
+
+    def end(self) -> str:
+        """Generation ended on its own (a stop or the length limit); returns the text still held."""
+        if self.finish_reason is None:
+            self.finish_reason = "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
+        return self._ready()
+
+    def _ready(self) -> str:
+        held = 0 if self.finish_reason else held_back_length(self.text, self.stop_strings)
+        ready = self.text[:len(self.text) - held]
+        if not (ready.startswith(self._emitted) and len(ready) > len(self._emitted)):
+            return ""
+        piece, self._emitted = ready[len(self._emitted):], ready
+        return piece
+
+
 class TextStream:
     """Iterator over the text pieces of one reply, generated in a background thread.
 
@@ -308,12 +352,20 @@ class TextStream:
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], generate_kwargs: dict, stop_strings: list[str]):
         self.chat, self.prompt_ids, self.generate_kwargs = chat, list(prompt_ids), generate_kwargs
-        self.stop_strings = stop_strings
-        self.max_new_tokens = generate_kwargs["max_new_tokens"]
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.finish_reason: str | None = None
+        self.reply = ReplyText(chat.decode, chat.stop_token_ids, stop_strings, generate_kwargs["max_new_tokens"])
         self._pieces = self._run()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.reply.token_ids
+
+    @property
+    def text(self) -> str:
+        return self.reply.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.reply.finish_reason
 
     def __iter__(self) -> "TextStream":
         return self
@@ -335,32 +387,14 @@ class TextStream:
         failure: list[BaseException] = []
         thread = threading.Thread(target=self._generate, args=(streamer, cancel, failure), daemon=True)
         thread.start()
-        emitted = ""
         try:
-            while self.finish_reason is None:
+            while self.reply.finish_reason is None:
                 item = streamer.queue.get()
-                if item is _FINISHED:
-                    if failure:
-                        raise failure[0]
-                    self.finish_reason = "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
-                    break
-                for token in item:
-                    if token in self.chat.stop_token_ids:
-                        self.finish_reason = "stop"
-                        break
-                    self.token_ids.append(token)
-                text = self.chat.decode(self.token_ids)
-                found = first_stop_string(text, self.stop_strings)
-                if found is not None:
-                    self.text, self.finish_reason = text[:found[0]], "stop"
-                    break
-                self.text = text
-                ready = text[:len(text) - held_back_length(text, self.stop_strings)]
-                if self.finish_reason is None and ready.startswith(emitted) and len(ready) > len(emitted):
-                    yield ready[len(emitted):]
-                    emitted = ready
-            if self.text.startswith(emitted) and len(self.text) > len(emitted):
-                yield self.text[len(emitted):]
+                if item is _FINISHED and failure:
+                    raise failure[0]
+                piece = self.reply.end() if item is _FINISHED else self.reply.add(item)
+                if piece:
+                    yield piece
         finally:
             cancel.set()
             thread.join()
@@ -526,8 +560,9 @@ def _with_lora(base, adapter: str):
         raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with peft_deprecations_silenced():
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
-__all__ = ["ChatModel", "ChatReply", "Completion", "TextStream", "MetadataSplitter", "load_chat_model",
+__all__ = ["ChatModel", "ChatReply", "Completion", "ReplyText", "TextStream", "MetadataSplitter", "load_chat_model",
            "left_pad", "split_reply", "DEFAULT_MAX_NEW_TOKENS"]

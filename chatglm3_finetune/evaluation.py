@@ -21,9 +21,11 @@ import numpy as np
 
 from .chat_parsing import ToolCall, parse_assistant_reply
 from .metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
-from .records import INPUT_OUTPUT, MULTI_TURN, read_records, record_format, validate_records, write_jsonl
+from .data_formats import LoadedData, load_data, record_format_of
+from .records import AUTO, MULTI_TURN, record_format, write_jsonl
 from .encoding import IGNORE_INDEX
 from .chat_format import build_chat_input, conversation_messages, prefix_ids
+from .training_data import read_and_validate
 
 PROMPT_RESPONSE = "response"  # the role of a prompt/response item
 GENERATED_TURN_ROLES = ("assistant", "tool", "interpreter")
@@ -41,21 +43,10 @@ class EvalItem:
 
 # ---- records -> items ---------------------------------------------------------------------------
 
-def detect_format(records: list[tuple[str, object]]) -> str:
-    """multi-turn or input-output, from the first record that says (validation checks the rest)."""
-    for _, record in records:
-        if isinstance(record, dict) and record_format(record):
-            return record_format(record)
-    return INPUT_OUTPUT
-
-
-def read_eval_records(path: str, max_samples: int | None = None) -> tuple[str, list[dict]]:
-    """(format, records) of a validated data file; raises DataError naming file:line:field."""
-    located = read_records(path)
-    train_format = detect_format(located)
-    validate_records(located, train_format)
-    records = [record for _, record in located]
-    return train_format, records[:max_samples] if max_samples else records
+def read_eval_records(path: str, split: str | None = None) -> LoadedData:
+    """The validated records of a data file or dataset folder in any format (recognised from the
+    first record), as this project's records; raises DataError naming file:line:field."""
+    return load_data(path, AUTO, split)
 
 
 def prompt_response_item(tokenizer, record: dict, index: int, max_source_length: int | None = None) -> EvalItem:
@@ -230,15 +221,16 @@ class GenerationEval:
     @classmethod
     def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
         """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
-        generation = cls(tokenizer, data_args.train_format, data_args.max_source_length)
-        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples),
-                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples))
-        for name, wanted, path, max_samples in splits:
+        generation = cls(tokenizer, None, data_args.max_source_length)
+        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
+                   data_args.validation_split, "--validation_split"),
+                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
+                   data_args.test_split, "--test_split"))
+        for name, wanted, path, max_samples, split, split_flag in splits:
             if wanted:
-                located = read_records(path)
-                validate_records(located, data_args.train_format)
-                records = [record for _, record in located]
-                generation.add_split(name, records[:max_samples] if max_samples else records)
+                located = read_and_validate(path, data_args, max_samples, split, split_flag)
+                generation.train_format = record_format_of(data_args)
+                generation.add_split(name, [record for _, record in located])
         return generation
 
     def add_split(self, name: str, records: list[dict]):

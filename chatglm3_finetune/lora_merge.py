@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .model_loading import peft_deprecations_silenced
+
 logger = logging.getLogger("merge_lora")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,7 +78,8 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     check_output(output, base, adapter)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        with peft_deprecations_silenced():
+            model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as e:
         detail = str(e).strip().splitlines()
         detail = next((line.strip() for line in detail if "size mismatch" in line), detail[0] if detail else "")

@@ -5,8 +5,10 @@ adapter. finetune.py, inference.py and api_server.py all load through here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 
 import torch
 
@@ -182,6 +184,15 @@ def linear_module_names(model) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
 
 
+@contextlib.contextmanager
+def peft_deprecations_silenced():
+    """peft 0.21 calls transformers' deprecated checkpointing names (a FutureWarning on every LoRA run)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated",
+                                FutureWarning)
+        yield
+
+
 def add_lora(model, model_args, gradient_checkpointing: bool = False,
              gradient_checkpointing_kwargs: dict | None = None):
     """Wraps a frozen base with peft LoRA adapters on --lora_target modules (a quantized base is
@@ -195,13 +206,15 @@ def add_lora(model, model_args, gradient_checkpointing: bool = False,
     targets = lora_target_modules(model_args.lora_target)
     if is_quantized(model):
         keep_4bit_layers_trainable(model)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+        with peft_deprecations_silenced():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, config)
+        with peft_deprecations_silenced():
+            model = get_peft_model(model, config)
     except ValueError as e:
         if "not found in the base model" not in str(e):
             raise
@@ -223,6 +236,6 @@ def load_for_training(model_args, training_args):
     if method == "ptuning":
         return add_prefix_tuning(model, model_args, model_args.model_name_or_path)
     if method == "lora":
-        return add_lora(model, model_args, training_args.gradient_checkpointing,
-                        training_args.gradient_checkpointing_kwargs)
+        return add_lora(model, model_args, training_args.activation_checkpointing,
+                        training_args.activation_checkpointing_kwargs)
     return model

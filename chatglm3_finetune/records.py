@@ -1,5 +1,6 @@
 """Data files in, validated records out: read `.json`/`.jsonl` files and check every record,
-reporting problems as one line naming the file, line (or list index) and field."""
+reporting problems as one line naming the file, line (or list index) and field. The names of the
+data formats live here too; data_formats converts the other formats into these records."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from .chat_format import NEVER_SUPERVISED_ROLES, ROLES
 
 MULTI_TURN = "multi-turn"
 INPUT_OUTPUT = "input-output"
-TRAIN_FORMATS = (MULTI_TURN, INPUT_OUTPUT)
+RECORD_FORMATS = (MULTI_TURN, INPUT_OUTPUT)  # this project's own records: every other format becomes one
+OPENAI, SHAREGPT, ALPACA = "openai", "sharegpt", "alpaca"
+AUTO = "auto"  # recognise the format from the first record
+TRAIN_FORMATS = (AUTO, MULTI_TURN, INPUT_OUTPUT, OPENAI, SHAREGPT, ALPACA)
 
 
 class DataError(ValueError):
@@ -86,8 +90,8 @@ def record_format(record: dict) -> str | None:
 
 def validate_records(records: list[tuple[str, object]], train_format: str) -> None:
     """Checks every record before any work; raises DataError on the first bad one."""
-    if train_format not in TRAIN_FORMATS:
-        raise DataError(f"train_format {train_format!r} is not one of {', '.join(TRAIN_FORMATS)}")
+    if train_format not in RECORD_FORMATS:
+        raise DataError(f"train_format {train_format!r} is not one of {', '.join(RECORD_FORMATS)}")
     first_format = None
     for where, record in records:
         if not isinstance(record, dict):
@@ -117,6 +121,9 @@ def _json_type(value) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+json_type = _json_type  # "an object", "a list", ...: how error messages name what was found
+
+
 def validate_prompt_response(record: dict) -> str | None:
     for field in ("prompt", "response"):
         if field not in record:
@@ -126,7 +133,11 @@ def validate_prompt_response(record: dict) -> str | None:
     return None
 
 
-def validate_conversation_record(record: dict) -> str | None:
+def validate_conversation_record(record: dict, role_fields: list[str] | None = None,
+                                 turns_field: str = "conversations") -> str | None:
+    """The first problem of a multi-turn record, or None. A record converted from another format
+    passes `role_fields` (where each turn's role came from, e.g. `messages[3].role`) and
+    `turns_field`, so that rules about the order of turns name the user's own fields."""
     if "conversations" not in record:
         return "conversations: missing (a multi-turn record needs a 'conversations' list)"
     turns = record["conversations"]
@@ -139,6 +150,7 @@ def validate_conversation_record(record: dict) -> str | None:
     seen_system = seen_user = trained = False
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
+        role_field = role_fields[i] if role_fields else f"{field}.role"
         if not isinstance(turn, dict):
             return f"{field}: a turn must be an object, found {_json_type(turn)}"
         role = turn.get("role")
@@ -150,9 +162,9 @@ def validate_conversation_record(record: dict) -> str | None:
             return f"{field}.loss: must be true or false, found {json.dumps(turn['loss'])}"
         if role == "system":
             if seen_system:
-                return f"{field}.role: a second 'system' turn (at most one per record)"
+                return f"{role_field}: a second 'system' turn (at most one per record)"
             if seen_user:
-                return f"{field}.role: 'system' must come before any 'user' turn"
+                return f"{role_field}: 'system' must come before any 'user' turn"
             seen_system = True
         seen_user = seen_user or role == "user"
         problem = _validate_turn_fields(turn, role, field)
@@ -160,8 +172,8 @@ def validate_conversation_record(record: dict) -> str | None:
             return problem
         trained = trained or (role not in NEVER_SUPERVISED_ROLES and turn.get("loss", True))
     if not trained:
-        return ("conversations: no turn is trained (only system/user turns, or every other turn has "
-                "\"loss\": false); add an assistant turn")
+        return (f"{turns_field}: no turn is trained (only system/user turns, or every other turn has its loss "
+                f"turned off); add an assistant turn")
     return None
 
 

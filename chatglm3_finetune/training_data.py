@@ -9,8 +9,9 @@ import logging
 import os
 from dataclasses import dataclass
 
+from .data_formats import load_data, record_format_of, settle_record_format
 from .encoding import LengthLimits, encode_record
-from .records import MULTI_TURN, DataError, read_records, validate_records
+from .records import MULTI_TURN, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _truncation_report(dataset) -> TruncationReport:
 
 
 def length_limits(data_args) -> LengthLimits:
-    if data_args.train_format == MULTI_TURN:
+    if record_format_of(data_args) == MULTI_TURN:
         return LengthLimits(max_seq_length=data_args.max_seq_length)
     return LengthLimits(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length)
 
@@ -137,18 +138,23 @@ def max_sequence_length(data_args) -> int:
     return limits.max_seq_length or limits.max_source_length + limits.max_target_length + 1
 
 
-def read_and_validate(path: str, train_format: str, max_samples: int | None):
-    records = read_records(path)
-    validate_records(records, train_format)
-    return records[:max_samples] if max_samples else records
+def read_and_validate(path: str, data_args, max_samples: int | None, split: str | None = None,
+                      split_flag: str = "--split") -> list[tuple[str, dict]]:
+    """The records of a data file or dataset folder in --train_format, validated and converted to
+    this project's records; what they became is recorded on `data_args` (see record_format_of)."""
+    data = load_data(path, data_args.train_format, split, split_flag)
+    settle_record_format(data_args, data, path)
+    logger.info("%s", data.describe())
+    return data.records[:max_samples] if max_samples else data.records
 
 
-def load_split(path, max_samples, tokenizer, data_args, training_args, description: str):
+def load_split(path, max_samples, tokenizer, data_args, training_args, description: str, split: str | None = None,
+               split_flag: str = "--split"):
     """Validated records of one file -> a tokenized Dataset of input_ids/labels (plus a report)."""
-    records = read_and_validate(path, data_args.train_format, max_samples)
+    records = read_and_validate(path, data_args, max_samples, split, split_flag)
     with training_args.main_process_first(desc=f"tokenizing {description}"):
         dataset, report = tokenize_records(
-            tokenizer, records, data_args.train_format, length_limits(data_args),
+            tokenizer, records, record_format_of(data_args), length_limits(data_args),
             num_proc=data_args.preprocessing_num_workers, cache_dir=data_args.cache_dir,
             overwrite_cache=data_args.overwrite_cache, truncation_policy=data_args.truncation_policy)
     logger.info("%s data %s: %s", description, path, report.summary())

@@ -1,60 +1,12 @@
 #!/usr/bin/env bash
-# P-Tuning v2 on multi-turn tool conversations (formatted_data/tool_alpaca.jsonl), one node.
+# P-Tuning v2 on multi-turn tool conversations (formatted_data/tool_alpaca.jsonl), one GPU by default.
 #
-#   bash scripts/finetune_pt_multiturn.sh
-#   NUM_GPUS=2 LR=1e-2 PRE_SEQ_LEN=64 bash scripts/finetune_pt_multiturn.sh
-#   USE_CPU=1 BASE_MODEL_PATH=models/tiny-chatglm3 MAX_STEP=20 bash scripts/finetune_pt_multiturn.sh
-#   bash scripts/finetune_pt_multiturn.sh --prefix_projection  # extra finetune.py flags (or EXTRA_ARGS=...)
+#   BASE_MODEL_PATH=models/chatglm3-6b bash scripts/finetune_pt_multiturn.sh
+#   OUTPUT_DIR=output/tool_alpaca_pt-20261127-101500-128-2e-2 bash scripts/finetune_pt_multiturn.sh   # resume
+#   EXTRA_ARGS="--prefix_projection --run_name 'my run'" bash scripts/finetune_pt_multiturn.sh
 #
-# LoRA is scripts/finetune_lora.sh (finetune.py refuses --lora_rank together with --pre_seq_len).
-#
-# Every variable below can be set from the environment. Relative paths are relative to the
-# project root. BASE_MODEL_PATH is a local folder (nothing is downloaded): a ChatGLM3-6B converted
-# with scripts/convert_chatglm3.py, or models/tiny-chatglm3 from scripts/make_tiny_model.py.
-# OUTPUT_DIR defaults to a fresh timestamped folder; to RESUME an interrupted run, rerun with
-# OUTPUT_DIR set to its folder: finetune.py continues from the newest checkpoint there (and
-# train.log is appended to). EXTRA_ARGS is split like shell words, quotes included.
-# USE_CPU=1 trains on the CPU (no GPU needed); PRECISION=bf16|fp16|fp32 (default: bf16 where the
-# GPU supports it, else fp16; fp32 on the CPU); DRY_RUN=1 prints the command instead of running it.
-set -eo pipefail
-cd "$(dirname "$0")/.."
-source scripts/launcher_common.sh
-
-USE_CPU=${USE_CPU:-0}
-NUM_GPUS=${NUM_GPUS:-1}
-DEV_BATCH_SIZE=${DEV_BATCH_SIZE:-1}
-GRAD_ACCUMULARION_STEPS=${GRAD_ACCUMULARION_STEPS:-${GRAD_ACCUMULATION_STEPS:-16}}
-LR=${LR:-2e-2}
-MAX_STEP=${MAX_STEP:-1000}
-SAVE_INTERVAL=${SAVE_INTERVAL:-500}
-MAX_SEQ_LEN=${MAX_SEQ_LEN:-2048}
-PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
-DATASET_PATH=${DATASET_PATH:-formatted_data/tool_alpaca.jsonl}
-BASE_MODEL_PATH=${BASE_MODEL_PATH:-models/chatglm3-6b}
-RUN_NAME=${RUN_NAME:-tool_alpaca_pt}
-DATESTR=${DATESTR:-$(date +%Y%m%d-%H%M%S)}
-OUTPUT_DIR=${OUTPUT_DIR:-output/${RUN_NAME}-${DATESTR}-${PRE_SEQ_LEN}-${LR}}
-PRECISION=${PRECISION:-auto}
-
-set_device_args
-set_extra_args
-
-CMD=(torchrun --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS" finetune.py
-    --do_train
-    --train_format multi-turn
-    --train_file "$DATASET_PATH"
-    --max_seq_length "$MAX_SEQ_LEN"
-    --preprocessing_num_workers 1
-    --model_name_or_path "$BASE_MODEL_PATH"
-    --output_dir "$OUTPUT_DIR"
-    --per_device_train_batch_size "$DEV_BATCH_SIZE"
-    --gradient_accumulation_steps "$GRAD_ACCUMULARION_STEPS"
-    --max_steps "$MAX_STEP"
-    --logging_steps 1
-    --save_steps "$SAVE_INTERVAL"
-    --learning_rate "$LR"
-    --pre_seq_len "$PRE_SEQ_LEN"
-    --gradient_checkpointing
-    "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
-
-launch "$OUTPUT_DIR" "${CMD[@]}"
+# The variables, and how the processes start: scripts/launcher_common.sh.
+source "$(dirname "$0")/launcher_common.sh"
+defaults DEV_BATCH_SIZE=1 GRAD_ACCUMULARION_STEPS=16 LR=2e-2 MAX_STEP=1000 SAVE_INTERVAL=500 PRE_SEQ_LEN=128 \
+    MAX_SEQ_LEN=2048 DATASET_PATH=formatted_data/tool_alpaca.jsonl RUN_NAME=tool_alpaca_pt
+launch_finetune p-tuning multi-turn "$@"

@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from api_server import (StreamedReply, assistant_message, chat_messages, create_app, main,  # noqa: E402
-                        parse_args, served_model_name)
+from api_server import (ServerLimits, create_app, main, parse_args, served_model_name,  # noqa: E402
+                        server_limits)
+from chatglm3_finetune.openai_protocol import (StreamedReply, assistant_message,  # noqa: E402
+                                               openai_messages_to_chatglm as chat_messages)
 from chatglm3_finetune.chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
 from chatglm3_finetune.chat_format import render_tool_call  # noqa: E402
 from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt  # noqa: E402
@@ -48,6 +50,7 @@ class ServerThread:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -68,53 +71,66 @@ class ServerThread:
 
 
 class ScriptedModel:
-    """Stands in for the network behind ChatModel: each `generate` call records its prompt ids and
-    emits the next scripted reply (token ids), honouring the streamer, the stop tokens, the
-    stopping criteria and max_new_tokens as transformers' generate does. Once a script runs out
-    it repeats `filler_id`. `pause_at` = (n, event) holds the generation after n tokens until the
-    event is set; `delay` sleeps after each token."""
+    """Stands in for the network behind the batched decoder: its forward "predicts" the next token
+    of each row's scripted reply (one script per new prompt, in order; once a script runs out it
+    repeats `filler_id`). The cache it is handed is real: each row's keys are its token ids and its
+    values a row number, so rows are followed through joins, padding and leaves as the decoder
+    moves them. `pause_at` = (n, event) holds the forward that would give any row its n-th token
+    until the event is set; `delay` sleeps in each forward; `fail_at` = n raises at the n-th token."""
 
-    def __init__(self, filler_id: int, max_positions: int = 4096):
+    def __init__(self, filler_id: int, vocab_size: int, max_positions: int = 4096):
         self.config = SimpleNamespace(max_position_embeddings=max_positions)
         self.device = torch.device("cpu")
-        self.filler_id = filler_id
+        self.filler_id, self.vocab_size = filler_id, vocab_size
         self.replies: list[list[int]] = []
         self.prompts: list[list[int]] = []
-        self.generated: list[int] = []
+        self.generated: dict[int, int] = {}  # row number -> tokens predicted
+        self.scripts: dict[int, list[int]] = {}
         self.pause_at: tuple[int, threading.Event] | None = None
         self.delay = 0.0
-        self.finished = threading.Event()
+        self.fail_at: int | None = None
 
     def eval(self):
         return self
 
-    def generate(self, input_ids, attention_mask=None, streamer=None, stopping_criteria=None,
-                 max_new_tokens=20, eos_token_id=(), **kwargs):
-        assert input_ids.shape[0] == 1, "the server generates one request at a time"
-        self.finished.clear()
-        self.prompts.append(input_ids[0].tolist())
-        script = self.replies.pop(0) if self.replies else []
-        ids, count = input_ids, 0
-        if streamer is not None:
-            streamer.put(input_ids)
-        try:
-            for step in range(max_new_tokens):
-                if self.pause_at and step == self.pause_at[0]:
-                    assert self.pause_at[1].wait(timeout=60), "the test never released the paused generation"
-                token = script[step] if step < len(script) else self.filler_id
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-                count += 1
-                if streamer is not None:
-                    streamer.put(torch.tensor([token]))
-                time.sleep(self.delay)
-                if token in eos_token_id or any(bool(c(ids, None).all()) for c in stopping_criteria or []):
-                    break
-        finally:
-            self.generated.append(count)
-            if streamer is not None:
-                streamer.end()
-            self.finished.set()
-        return ids
+    def __call__(self, **kwargs):
+        return self.forward(**kwargs)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, use_cache=True, return_dict=True):
+        batch, length = input_ids.shape
+        if length > 1:  # a prefill: new rows
+            rows = torch.arange(len(self.scripts), len(self.scripts) + batch, dtype=torch.float)
+            for row, ids, mask in zip(rows.long().tolist(), input_ids, attention_mask):
+                self.prompts.append(ids[mask.bool()].tolist())
+                self.scripts[row] = self.replies.pop(0) if self.replies else []
+                self.generated[row] = 0
+        else:
+            rows = cache.layers[0].values[:, 0, -1, 0]
+        keys = input_ids[:, None, :, None].float()
+        cache.update(keys, rows[:, None, None, None].expand_as(keys).contiguous(), 0)
+        logits = torch.zeros(batch, 1, self.vocab_size)
+        for i, row in enumerate(rows.long().tolist()):
+            step = self.generated[row]
+            if self.pause_at and step == self.pause_at[0]:
+                assert self.pause_at[1].wait(timeout=60), "the test never released the paused generation"
+            if self.fail_at is not None and step == self.fail_at:
+                raise RuntimeError("injected failure")
+            script = self.scripts[row]
+            logits[i, 0, script[step] if step < len(script) else self.filler_id] = 1e4  # sampled or not
+            self.generated[row] = step + 1
+        time.sleep(self.delay)
+        return SimpleNamespace(logits=logits)
+
+
+def wait_until_idle(server: "ServerThread", timeout: float = 20) -> bool:
+    """True once no request is in the batch or waiting for it."""
+    decoder = server.app.state.chat_server.decoder
+    deadline = time.monotonic() + timeout
+    while decoder.load != (0, 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def reply_ids(tokenizer, *messages: tuple[str, str], stop: str = "<|user|>") -> list[int]:
@@ -138,11 +154,15 @@ def tiny_server(tiny_chat):
         yield server
 
 
+def scripted_server(tokenizer, **limits) -> tuple[ScriptedModel, ServerThread]:
+    model = ScriptedModel(filler_id=tokenizer.encode_text("ok")[-1], vocab_size=len(tokenizer))
+    return model, ServerThread(create_app(ChatModel(model, tokenizer), "scripted", limits=ServerLimits(**limits)))
+
+
 @pytest.fixture(scope="module")
 def scripted(tiny_tokenizer):
-    model = ScriptedModel(filler_id=tiny_tokenizer.encode_text("ok")[-1])
-    chat = ChatModel(model, tiny_tokenizer)
-    with ServerThread(create_app(chat, "scripted")) as server:
+    model, server = scripted_server(tiny_tokenizer)
+    with server:
         yield SimpleNamespace(model=model, server=server, tokenizer=tiny_tokenizer)
 
 
@@ -150,7 +170,7 @@ def scripted(tiny_tokenizer):
 def scripted_model(scripted):
     scripted.model.replies.clear()
     scripted.model.prompts.clear()
-    scripted.model.pause_at, scripted.model.delay = None, 0.0
+    scripted.model.pause_at, scripted.model.delay, scripted.model.fail_at = None, 0.0, None
     return scripted.model
 
 
@@ -355,19 +375,19 @@ def test_streamed_deltas_add_up_to_the_whole_reply(messages):
     (b"\xff\xfe", None, "not valid JSON"),
     ([1, 2], None, "JSON object"),
     ({"model": "m"}, "messages", "'messages' is required"),
-    ({"messages": []}, "messages", "non-empty list"),
-    ({"messages": [{"role": "sytem", "content": "x"}]}, "messages[0].role", "'sytem' is not one of"),
+    ({"messages": []}, "messages", "at least 1 item"),
+    ({"messages": [{"role": "sytem", "content": "x"}]}, "messages[0].role", "should be 'system', 'developer', 'user', 'assistant' or 'tool'"),
     ({"messages": ["hi"]}, "messages[0]", "must be an object"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content", "needs 'content'"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "text"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature", "must be a number"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "between 0 and 2"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"messages": [{"role": "user"}]}, "messages[0]", "needs 'content'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type", "should be 'text'"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature", "valid number"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "less than or equal to 2"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5}, "max_tokens", "integer"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", "valid boolean"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "n=1"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop", "strings"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]}, "tools[0]", "function"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop[0]", "valid string"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]}, "tools[0].type", "'function'"),
     ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "'auto' or 'none'"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]},
      "messages[0].tool_calls[0].function.arguments", "not valid JSON"),
@@ -426,8 +446,8 @@ def test_client_leaving_mid_stream_stops_the_generation(scripted, scripted_model
         response.readline()
     response.close()
     conn.close()
-    assert scripted_model.finished.wait(timeout=20), "the generation went on after the client left"
-    assert scripted_model.generated[-1] < 1000
+    assert wait_until_idle(scripted.server), "the generation went on after the client left"
+    assert scripted_model.generated[max(scripted_model.generated)] < 1000
     scripted_model.delay = 0.0
     scripted_model.replies.append(reply_ids(tok, ("", "Next one.")))
     answer = scripted.server.client().chat.completions.create(
@@ -435,25 +455,27 @@ def test_client_leaving_mid_stream_stops_the_generation(scripted, scripted_model
     assert answer.choices[0].message.content == "Next one."
 
 
-def test_request_whose_client_left_while_queued_is_skipped(scripted, scripted_model):
-    tok = scripted.tokenizer
+def test_request_whose_client_left_while_queued_is_skipped(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, max_batch_size=1)  # one at a time: the second one waits
     release = threading.Event()
-    scripted_model.pause_at = (1, release)
-    scripted_model.replies += [reply_ids(tok, ("", "First.")), reply_ids(tok, ("", "Third."))]
-    client = scripted.server.client()
-    with ThreadPoolExecutor(1) as pool:
+    model.pause_at = (1, release)
+    model.replies += [reply_ids(tiny_tokenizer, ("", "First.")), reply_ids(tiny_tokenizer, ("", "Third."))]
+    with server, ThreadPoolExecutor(1) as pool:
+        client = server.client()
         first = pool.submit(client.chat.completions.create, model="s", messages=[{"role": "user", "content": "1"}])
-        while not scripted_model.prompts:  # the first request holds the model
+        while not model.prompts:  # the first request holds the model
             time.sleep(0.01)
-        conn = http.client.HTTPConnection("127.0.0.1", scripted.server.port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("POST", "/v1/chat/completions", body=json.dumps({"messages": [{"role": "user", "content": "2"}]}))
         time.sleep(0.3)  # let the server read it and queue it
         conn.close()
+        time.sleep(0.5)  # its disconnect is noticed within DISCONNECT_POLL_S
         release.set()
         assert first.result().choices[0].message.content == "First."
-    third = client.chat.completions.create(model="s", messages=[{"role": "user", "content": "3"}])
-    assert third.choices[0].message.content == "Third."
-    user_texts = [tok.decode(p[p.index(tok.role_token_id("user")) + 1:-1]).strip() for p in scripted_model.prompts]
+        third = client.chat.completions.create(model="s", messages=[{"role": "user", "content": "3"}])
+        assert third.choices[0].message.content == "Third."
+    tok = tiny_tokenizer
+    user_texts = [tok.decode(p[p.index(tok.role_token_id("user")) + 1:-1]).strip() for p in model.prompts]
     assert user_texts == ["1", "3"]
 
 
@@ -475,6 +497,197 @@ def test_concurrent_clients_each_get_their_own_answer(tiny_server):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda i: ask(i, stream=i % 2 == 1), range(8)))
     assert together == alone
+
+
+# ---- limits, faults, the API key ---------------------------------------------------------------------
+
+def raw_request(server: ServerThread, body: bytes, headers: dict | None = None) -> socket.socket:
+    """A POST sent over a plain socket (for bodies and readers the http clients would not allow)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    lines = "".join(f"{name}: {value}\r\n" for name, value in head.items())
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{lines}\r\n".encode() + body)
+    return sock
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, max_batch_size=1, max_queue=1)
+    release = threading.Event()
+    model.pause_at = (1, release)
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    with server, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post, server, "/v1/chat/completions", ask)
+        while not model.prompts:
+            time.sleep(0.01)
+        waiting = pool.submit(post, server, "/v1/chat/completions", ask)
+        while server.app.state.chat_server.decoder.load != (1, 1):
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(ask))
+        refused = conn.getresponse()
+        body = json.loads(refused.read())
+        assert refused.status == 429 and int(refused.getheader("Retry-After")) >= 1
+        assert body["error"]["code"] == "rate_limit_exceeded" and "busy" in body["error"]["message"]
+        release.set()
+        assert running.result()[0] == 200 and waiting.result()[0] == 200
+
+
+def test_api_key_is_required_on_v1_when_set(tiny_tokenizer):
+    model = ScriptedModel(filler_id=tiny_tokenizer.encode_text("ok")[-1], vocab_size=len(tiny_tokenizer))
+    app = create_app(ChatModel(model, tiny_tokenizer), "scripted", api_key="s3cret")
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with ServerThread(app) as server:
+        for headers, fragment in (({}, "No API key provided"), ({"Authorization": "Bearer wrong"}, "Incorrect API key"),
+                                  ({"Authorization": "s3cret"}, "Incorrect API key")):
+            for path, method in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+                status, body = post(server, path, ask, headers, method=method)
+                assert status == 401 and body["error"]["code"] == "invalid_api_key", (headers, path)
+                assert fragment in body["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert client.chat.completions.create(model="scripted", **ask).usage.completion_tokens == 2
+        page = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        page.request("GET", "/")
+        assert page.getresponse().status == 200  # the page itself asks for the key
+
+
+def test_limit_flags_reach_the_server():
+    args = parse_args(["--model", "m", "--max-batch-size", "1", "--max-queue", "0", "--max-tokens-limit", "10",
+                       "--max-body-bytes", "100", "--body-timeout", "2.5", "--send-timeout", "3"], {})
+    assert server_limits(args) == ServerLimits(1, 0, 10, 100, 2.5, 3.0)
+    assert server_limits(parse_args(["--model", "m"], {})) == ServerLimits()
+    for flag in ("--max-batch-size", "--max-tokens-limit", "--send-timeout"):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", flag, "0"], {})
+
+
+def test_api_key_option_and_environment():
+    assert parse_args(["--model", "m"], {"API_KEY": "k"}).api_key == "k"
+    assert parse_args(["--model", "m", "--api-key", "flag"], {"API_KEY": "k"}).api_key == "flag"
+    assert parse_args(["--model", "m"], {}).api_key is None
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m"], {"API_KEY": " "})
+
+
+def test_oversized_slow_and_over_limit_requests_are_refused(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, max_body_bytes=2000, body_timeout_s=0.5, max_tokens=50)
+    with server:
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]})
+        status, body = post(server, "/v1/chat/completions", big)
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        sock = raw_request(server, b"")  # chunked, no Content-Length: counted as it arrives
+        sock.close()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(5):
+            sock.sendall(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+        assert b" 413 " in sock.recv(4096).split(b"\r\n")[0] + b" "
+        sock.close()
+        sock = raw_request(server, b'{"messages": [', {"Content-Length": "100"})  # never sends the rest
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+        sock.close()
+        status, body = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                             "max_tokens": 1_000_000_000})
+        assert status == 400 and body["error"]["param"] == "max_tokens" and "limit of 50" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"[" * 100_000 + b"]" * 100_000, None),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 5000 + b"}", None),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**64, "stream": True}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -2**63 - 1}, "seed"),
+], ids=["deep-json", "5000-digits", "seed-2**64", "seed-2**64-stream", "seed-below-range"])
+def test_former_server_errors_are_400(scripted, scripted_model, body, param):
+    status, payload = post(scripted.server, "/v1/chat/completions", body)
+    assert status == 400 and payload["error"]["param"] == param
+
+
+def test_extreme_sampling_settings_are_served(tiny_server):
+    client = tiny_server.client()
+    for settings in ({"temperature": 1e-300}, {"seed": 2**64 - 1, "temperature": 1.5}, {"seed": -2**63},
+                     {"top_p": 1e-300, "temperature": 2}):
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4, **settings)
+        assert answer.usage.completion_tokens >= 1
+    greedy = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                            temperature=0)
+    tiny = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                          temperature=1e-300)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_failure_after_the_stream_started_ends_with_an_error_event(scripted, scripted_model):
+    scripted_model.replies.append(reply_ids(scripted.tokenizer, ("", "Some words that go on and on")))
+    scripted_model.fail_at = 4
+    conn = http.client.HTTPConnection("127.0.0.1", scripted.server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": [{"role": "user", "content": "fail"}], "stream": True, "max_tokens": 50}))
+    response = conn.getresponse()
+    assert response.status == 200
+    events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "injected failure" in error["message"]
+    scripted_model.fail_at = None
+    status, body = post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "again"}],
+                                                                  "max_tokens": 3})
+    assert status == 200  # the server goes on
+
+
+def test_failure_without_streaming_is_a_logged_500_and_the_server_goes_on(scripted, scripted_model, caplog):
+    scripted_model.fail_at = 2
+    status, body = post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert status == 500 and body["error"]["type"] == "server_error" and "injected failure" in body["error"]["message"]
+    assert any("a bug in the server" in record.getMessage() for record in caplog.records)
+    scripted_model.fail_at = None
+    assert post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "y"}],
+                                                          "max_tokens": 2})[0] == 200
+
+
+def test_a_model_without_a_cache_argument_is_refused_at_start(tiny_tokenizer):
+    class RemoteCodeStyle(ScriptedModel):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None):
+            raise AssertionError("never called")
+
+    model = RemoteCodeStyle(filler_id=0, vocab_size=len(tiny_tokenizer))
+    with pytest.raises(ValueError, match="native transformers model"):
+        create_app(ChatModel(model, tiny_tokenizer))
+
+
+def test_non_streaming_client_that_leaves_stops_its_generation(scripted, scripted_model):
+    scripted_model.delay = 0.01  # 3000 tokens would take 30 s
+    row = len(scripted_model.scripts)
+    sock = raw_request(scripted.server, json.dumps({"messages": [{"role": "user", "content": "long"}],
+                                                    "max_tokens": 3000}).encode())
+    while scripted_model.generated.get(row, 0) < 5:
+        time.sleep(0.01)
+    sock.close()
+    assert wait_until_idle(scripted.server, timeout=10), "the generation went on after the client left"
+    assert scripted_model.generated[row] < 1500
+
+
+def test_stalled_reader_is_dropped_after_the_send_timeout(tiny_tokenizer):
+    model, server = scripted_server(tiny_tokenizer, send_timeout_s=0.5, max_tokens=200_000)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted sockets inherit it
+    model.replies.append(tiny_tokenizer.encode_text("\n") + tiny_tokenizer.encode_text("Plain text"))  # streams
+    with server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        body = json.dumps({"messages": [{"role": "user", "content": "talk"}], "stream": True,
+                           "max_tokens": 200_000}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        # ...and never reads: the server's buffers fill, its sends block, the send timeout drops it
+        while model.generated.get(0, 0) < 10:
+            time.sleep(0.01)
+        assert wait_until_idle(server, timeout=60), "a client that stopped reading kept its generation"
+        assert model.generated[0] < 5000
+        assert post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "next"}],
+                                                     "max_tokens": 3})[0] == 200
+        sock.close()
 
 
 # ---- command line ------------------------------------------------------------------------------------

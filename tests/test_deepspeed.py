@@ -81,7 +81,7 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
             launcher, USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
-            DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=STEPS,
+            DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=4 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64,
             EXTRA_ARGS=f"--report_to none --max_train_samples 4 --disable_tqdm true "
                        f"--preprocessing_cache_dir {output_dir.parent / 'cache'} {extra}",

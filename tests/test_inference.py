@@ -438,22 +438,55 @@ def test_file_mode_prompt_cap_matches_training(monkeypatch, capsys, tmp_path, ti
     assert [json.loads(line)["prediction"] for line in output.read_text().splitlines()] == expected
 
 
-def test_file_mode_conversations_score_tool_calls(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint):
-    data = tmp_path / "tools.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in (WEATHER, GREETING)))
-    output = tmp_path / "tools.pred.jsonl"
+def score_file(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint, records, name):
+    """Runs `inference.py --input` on records with the fully fine-tuned model: (rows, metrics, stderr)."""
+    data = tmp_path / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = tmp_path / f"{name}.pred.jsonl"
     code, _, err = run_cli(monkeypatch, capsys, ["--tokenizer", tiny_model_dir, "--model", full_checkpoint,
                                                  "--input", str(data), "--output", str(output)])
     assert code == 0, err
     rows = [json.loads(line) for line in output.read_text().splitlines()]
+    return rows, json.loads(output.with_name(f"{name}.pred.jsonl.metrics.json").read_text()), err
+
+
+def assert_weather_and_greeting_scored(rows, metrics):
     weather = rows[0]["prediction"]
     assert [p["turn"] for p in weather] == [1, 2] and [p["role"] for p in weather] == ["tool", "assistant"]
     assert weather[0]["tool_call"] == {"name": "get_weather", "parameters": {"city": "Paris"}}
     assert weather[1]["content"] == "It is 21 degrees in Paris."
-    metrics = json.loads(output.with_name("tools.pred.jsonl.metrics.json").read_text())
     assert metrics["tool_name_accuracy"] == metrics["parameters_exact_match"] == 100.0
     assert metrics["num_expected_calls"] == 1 and metrics["num_unexpected_calls"] == 0
     assert metrics["rouge-l"] == 100.0 and metrics["num_plain_turns"] == 2
+
+
+def test_file_mode_conversations_score_tool_calls(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint):
+    rows, metrics, _ = score_file(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint,
+                                  (WEATHER, GREETING), "tools")
+    assert_weather_and_greeting_scored(rows, metrics)
+
+
+def test_file_mode_scores_tool_calls_of_openai_messages(monkeypatch, capsys, tmp_path, tiny_model_dir,
+                                                        full_checkpoint):
+    """WEATHER and GREETING written as OpenAI chat messages (tools, tool_calls with JSON-string
+    arguments, a tool result by tool_call_id) are scored exactly as the conversations are."""
+    weather = {"tools": [{"type": "function", "function": TOOLS[0]}], "messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees in Paris."}]}
+    greeting = {"messages": [{"role": "user", "content": "Hello"},
+                             {"role": "assistant", "content": "Hello! How can I help you today?"}]}
+    rows, metrics, err = score_file(monkeypatch, capsys, tmp_path, tiny_model_dir, full_checkpoint,
+                                    (weather, greeting), "openai")
+    assert (f"{tmp_path / 'openai.jsonl'}: 2 openai records (recognised from the first record), read as "
+            f"multi-turn records") in err
+    # the rows hold the records as read: tool results are text, as OpenAI messages have them
+    as_read = dict(WEATHER, conversations=[dict(turn, observation=json.dumps(turn["observation"])) if "observation" in turn
+                                           else turn for turn in WEATHER["conversations"]])
+    assert [{k: v for k, v in row.items() if k != "prediction"} for row in rows] == [as_read, GREETING]
+    assert_weather_and_greeting_scored(rows, metrics)
 
 
 # ---- errors -------------------------------------------------------------------------------------

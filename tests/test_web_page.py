@@ -36,7 +36,7 @@ def browser():
 
 def test_chat_page_streams_keeps_history_handles_tool_calls_and_clears(browser, tiny_tokenizer):
     tok = tiny_tokenizer
-    model = ScriptedModel(filler_id=tok.encode_text("ok")[-1])
+    model = ScriptedModel(filler_id=tok.encode_text("ok")[-1], vocab_size=len(tok))
     greeting = "Hello! How can I help you today?"
     thought, call = "I need the weather in Paris.", render_tool_call("getCurrentWeather", {"city": "Paris"})
     model.replies += [
@@ -89,4 +89,28 @@ def test_chat_page_streams_keeps_history_handles_tool_calls_and_clears(browser, 
         page.press("#input", "Enter")
         expect(answers.last).to_have_text("Fresh start.", timeout=20_000)
         assert model.prompts[3] == build_chat_input(tok, [system, Message("user", "", "New topic", False)])
+        page.close()
+
+
+def test_chat_page_asks_for_the_api_key_and_sends_it(browser, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = ScriptedModel(filler_id=tok.encode_text("ok")[-1], vocab_size=len(tok))
+    model.replies.append(reply_ids(tok, ("", "Authorized answer.")))
+    expect = sync_api.expect
+    with ServerThread(create_app(ChatModel(model, tok), "keyed", api_key="page-key")) as server:
+        page = browser.new_page()
+        prompts = []
+
+        def answer(dialog):
+            prompts.append(dialog.message)
+            dialog.accept("wrong" if len(prompts) == 1 else "page-key")
+
+        page.on("dialog", answer)
+        page.goto(server.base_url + "/")
+        expect(page.locator("#model-name")).to_contain_text("keyed", timeout=20_000)
+        assert "No API key provided" in prompts[0] and "Incorrect API key" in prompts[1]
+        page.fill("#input", "Hello")
+        page.press("#input", "Enter")
+        expect(page.locator(".message.assistant .content").last).to_have_text("Authorized answer.", timeout=20_000)
+        assert len(prompts) == 2  # the key is kept
         page.close()

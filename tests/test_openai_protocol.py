@@ -1,0 +1,51 @@
+"""openai_protocol on plain decoded JSON, as a data reader would call it: errors name the field."""
+
+import pytest
+
+from chatglm3_finetune.chat_format import Message
+from chatglm3_finetune.openai_protocol import ProtocolError, openai_messages_to_chatglm, parse_chat_request
+
+
+@pytest.mark.parametrize("messages,tools,param,fragment", [
+    ([], None, "messages", "non-empty list"),
+    ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], None, "messages[1].role", "'user'"),
+    ([{"role": "assistant", "function_call": {"name": "f"}}], None, "messages[0]", "legacy"),
+    ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], None,
+     "messages[0].tool_calls[0].function.name", "required"),
+    ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], None,
+     "messages[0].tool_calls[0].function.arguments", "JSON object"),
+    ([{"role": "tool"}], None, "messages[0]", "needs 'content'"),
+    ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": ""}}], "tools[0].function",
+     "non-empty string 'name'"),
+    ([{"role": "user", "content": "x"}], "tools", "tools", "valid list"),
+])
+def test_bad_messages_name_the_field(messages, tools, param, fragment):
+    with pytest.raises(ProtocolError) as error:
+        openai_messages_to_chatglm(messages, tools)
+    assert error.value.param == param
+    assert fragment in error.value.message
+
+
+def test_results_without_ids_follow_their_calls_in_order_and_extra_results_stay():
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}},
+             {"type": "function", "function": {"name": "g"}}]
+    rendered = openai_messages_to_chatglm([
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": "Thinking.", "tool_calls": calls},
+        {"role": "tool", "content": "F"}, {"role": "tool", "content": "G"}, {"role": "tool", "content": "extra"}])
+    assert rendered == [
+        Message("user", "", "go", False), Message("assistant", "", "Thinking.", False),
+        Message("assistant", "f", "```python\ntool_call(a=1)\n```", False), Message("observation", "", "F", False),
+        Message("assistant", "g", "```python\ntool_call()\n```", False), Message("observation", "", "G", False),
+        Message("observation", "", "extra", False)]
+
+
+def test_request_fields_and_defaults():
+    request = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
+                                  "max_completion_tokens": 7, "stop": "END", "temperature": 0,
+                                  "stream_options": {"include_usage": True}, "presence_penalty": 1})
+    assert (request.requested_max_tokens, request.stop_strings, request.temperature, request.include_usage) == (
+        7, ["END"], 0.0, True)
+    assert parse_chat_request({"messages": [{"role": "user", "content": "x"}], "stop": ["", "a"]}).stop_strings == ["a"]
+    with pytest.raises(ProtocolError) as error:
+        parse_chat_request({"messages": [{"role": "user", "content": "x"}], "logprobs": True})
+    assert error.value.param == "logprobs"
