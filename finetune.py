@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 # bitsandbytes warns at import, on every CPU run, about an optional kernel download we never want.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -24,7 +25,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from arguments import OptionError, check_options, parse_args  # noqa: E402
+from arguments import OptionError, check_fits_model_context, check_options, parse_args  # noqa: E402
 from chatglm3_finetune.collation import build_collator  # noqa: E402
 from chatglm3_finetune.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
 from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
@@ -36,7 +37,10 @@ from chatglm3_finetune.records import DataError  # noqa: E402
 from chatglm3_finetune.run_record import ResumeRefused, mark_finished, plan_run, trained_settings  # noqa: E402
 from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
-from chatglm3_finetune.training_data import load_split, pack_dataset  # noqa: E402
+from chatglm3_finetune.run_summary import summary_lines  # noqa: E402
+from chatglm3_finetune.training_data import (  # noqa: E402
+    caps_text, length_limits, load_split, pack_dataset, read_split_records,
+)
 
 logger = logging.getLogger("finetune")
 
@@ -134,8 +138,9 @@ def train_to_the_end(trainer, resume_from: str | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, training_args = parse_args(argv)
+    started = time.monotonic()
     try:
+        model_args, data_args, training_args = parse_args(argv)
         check_options(model_args, data_args, training_args)
     except OptionError as e:
         fail(str(e))
@@ -148,30 +153,32 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
     except FileNotFoundError as e:
-        fail(str(e))
+        fail(f"{'--tokenizer_name' if model_args.tokenizer_name else '--model_name_or_path'}: {e}")
 
     splits = {}
     generating = training_args.predict_with_generate and (training_args.do_eval or training_args.do_predict)
+    descriptions = {"train": "training", "eval": "validation", "test": "test"}
     try:
-        if training_args.do_train:
-            splits["train"] = load_split(data_args.train_file, data_args.max_train_samples, tokenizer,
-                                         data_args, training_args, "training", data_args.train_split, "--train_split")
-        if training_args.do_eval and not generating:
-            splits["eval"] = load_split(data_args.validation_file, data_args.max_eval_samples, tokenizer, data_args,
-                                        training_args, "validation", data_args.validation_split, "--validation_split")
-        if training_args.do_predict and not generating:
-            splits["test"] = load_split(data_args.test_file, data_args.max_predict_samples, tokenizer,
-                                        data_args, training_args, "test", data_args.test_split, "--test_split")
+        records = read_split_records(data_args, training_args)
+        if not data_args.allow_longer_than_model:  # --train_format auto/alpaca: the caps are known now
+            check_fits_model_context(model_args, data_args)
+        for name, (source, split_records) in records.items():
+            if name == "train" or not generating:
+                splits[name] = load_split(source, None, tokenizer, data_args, training_args, descriptions[name],
+                                          records=split_records)
         if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
             from chatglm3_finetune.evaluation import GenerationEval
 
-            generation = GenerationEval.from_args(tokenizer, data_args, training_args)
+            generation = GenerationEval.from_args(tokenizer, data_args, training_args,
+                                                  {name: records[name][1] for name in ("eval", "test") if name in records})
             splits.update({name: (dataset, None) for name, dataset in generation.datasets.items()})
+    except OptionError as e:
+        fail(str(e))
     except DataError as e:
         fail(str(e))
     if "train" in splits and training_args.process_index == 0:
         first = splits["train"][0][0]
-        print_sanity_check(tokenizer, first["input_ids"], first["labels"])
+        print_sanity_check(tokenizer, first["input_ids"], first["labels"], full=data_args.full_sanity_check)
     train_dataset = splits.get("train", (None,))[0]
     if train_dataset is not None and data_args.packing:
         train_dataset = pack_dataset(train_dataset, data_args)
@@ -196,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.should_save:
         write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
 
+    results, trained = {}, None
     if training_args.do_train:
         result = train_to_the_end(trainer, resume_from)
+        trained = {"steps": trainer.state.global_step, "supervised_tokens": trainer.supervised_tokens_trained()}
         metrics = dict(result.metrics, train_records=splits["train"][1].kept,
                        train_supervised_tokens=splits["train"][1].targets)
         trainer.log_metrics("train", metrics)
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             if curve:
                 logger.info("Loss curve: %s", curve)
     if training_args.do_eval:
-        metrics = trainer.evaluate()
+        metrics = results["eval"] = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.do_predict:
@@ -218,12 +227,18 @@ def main(argv: list[str] | None = None) -> None:
             metrics = result.metrics
         else:  # loss only: Trainer.predict would gather every logit
             metrics = trainer.evaluate(splits["test"][0], metric_key_prefix="predict")
+        results["predict"] = metrics
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)
         if generating and training_args.should_save:
             path = generation.write_predictions("test", result.predictions, result.label_ids,
                                                 os.path.join(training_args.output_dir, "generated_predictions.jsonl"))
             logger.info("Generated predictions: %s", path)
+    if training_args.process_index == 0:
+        print("\n".join(summary_lines(
+            time.monotonic() - started, {name: source for name, (source, _) in records.items()},
+            {name: report for name, (_, report) in splits.items()}, caps_text(length_limits(data_args)), trained,
+            results, training_args.output_dir, model_args.tuning_method, model_args.model_name_or_path)), flush=True)
     finish_distributed()
 
 

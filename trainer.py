@@ -19,6 +19,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_pt_utils import nested_gather
 
 from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
+from chatglm3_finetune.file_modes import respect_umask
 from chatglm3_finetune.encoding import IGNORE_INDEX
 from chatglm3_finetune.output_folder import write_failed
 from chatglm3_finetune.prefix_tuning import PrefixTuningModel
@@ -74,19 +75,19 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             self._supervised_tokens += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            self.divergence_guard.correct_logged_loss(logs, self.state.global_step)
-            self._count_supervised_tokens()
-            logs["supervised_tokens"] = self.state.supervised_tokens
-        super().log(logs, start_time)
-
-    def _count_supervised_tokens(self) -> None:
-        """Moves the tokens counted since the last call, summed over ranks, into the run's total."""
+    def supervised_tokens_trained(self) -> int:
+        """Supervised tokens trained so far, summed over all processes (every rank must call it)."""
         count = torch.tensor(self._supervised_tokens, device=self.args.device)
         self._supervised_tokens = 0
         self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + int(
             self.accelerator.reduce(count, reduction="sum"))
+        return self.state.supervised_tokens
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self.divergence_guard.correct_logged_loss(logs, self.state.global_step)
+            logs["supervised_tokens"] = self.supervised_tokens_trained()
+        super().log(logs, start_time)
 
     # ---- totals over the whole run, across resumes ------------------------------------------------
 
@@ -98,7 +99,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         super()._load_callback_state()
 
     def _store_run_totals(self) -> None:
-        self._count_supervised_tokens()
+        self.supervised_tokens_trained()
         pending_loss = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
         self.state.stateful_callbacks[RUN_TOTALS] = {
             "supervised_tokens": self.state.supervised_tokens,
@@ -171,19 +172,24 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             raise write_failed(path, e) from e
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves what was trained (every checkpoint too), with the permissions the umask gives; never
+        non-finite weights (checkpoints are checked, and their write errors reported, in _save_checkpoint)."""
+        output_dir = output_dir or self.args.output_dir
         if not _internal_call:
-            self._check_finite_before_saving(output_dir or self.args.output_dir)
-            try:
-                return self._save_model(output_dir, _internal_call)
-            except (OSError, RuntimeError) as e:
-                raise write_failed(output_dir or self.args.output_dir, e) from e
-        return self._save_model(output_dir, _internal_call)
+            self._check_finite_before_saving(output_dir)
+        try:
+            self._save_trained(output_dir, _internal_call)
+        except (OSError, RuntimeError) as e:
+            if _internal_call:
+                raise
+            raise write_failed(output_dir, e) from e
+        if self.args.should_save and os.path.isdir(output_dir):
+            respect_umask(output_dir)
 
-    def _save_model(self, output_dir: str | None, _internal_call: bool) -> None:
+    def _save_trained(self, output_dir: str, _internal_call: bool) -> None:
         model = self._unwrapped()
         if not isinstance(model, PrefixTuningModel):
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         # Every rank calls this: under ZeRO-3 the prefix is gathered (only the prefix, not the base).
         model.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:

@@ -480,7 +480,8 @@ def load_chat_model(model: str | None, tokenizer: str | None = None, pt_checkpoi
                              f"model's folder") from None
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, frozen_base=True, use_cpu=device == "cpu")
-    base = load_base_model(model, torch_dtype, trust_remote_code, device_map=device if device != "cpu" else None)
+    base = load_base_model(model, torch_dtype, trust_remote_code, device_map=device if device != "cpu" else None,
+                           remote_code_flag="--trust-remote-code")
     if pt_checkpoint:
         loaded = _with_prefix(base, pt_checkpoint, pt_pre_seq_len)
     elif lora:

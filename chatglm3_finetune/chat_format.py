@@ -65,7 +65,8 @@ def conversation_messages(record: dict) -> list[Message]:
         loss = False if role in NEVER_SUPERVISED_ROLES else turn.get("loss", True)
         if role == "tool":
             messages.append(Message("assistant", turn["name"], render_tool_call(turn["name"], turn["parameters"]), loss))
-            messages.append(Message("observation", "", observation_text(turn["observation"]), False))
+            if "observation" in turn:  # always in training data; a chat request may not have the result yet
+                messages.append(Message("observation", "", observation_text(turn["observation"]), False))
         elif role == "interpreter":
             messages.append(Message("assistant", "interpreter", render_interpreter_code(turn["content"]), loss))
             messages.append(Message("observation", "", observation_text(turn["observation"]), False))

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig
 
+from .file_modes import respect_umask
 from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class AttentionShape:
 # --- config ---------------------------------------------------------------------------------------
 def read_original_config(input_dir: str) -> dict:
     path = os.path.join(input_dir, "config.json")
+    if not os.path.isdir(input_dir):
+        raise ConversionError(f"{input_dir}: missing (no such folder)")
     if not os.path.isfile(path):
         raise ConversionError(f"{input_dir}: no config.json; --input must be an original ChatGLM3 model folder")
     with open(path) as f:
@@ -295,6 +298,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str | torch.dtype
     config.save_pretrained(output_dir)
     GenerationConfig(eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    respect_umask(output_dir)
     logger.info("converted %s -> %s (%d tensors, %s)", input_dir, output_dir, len(weight_map), dtype)
     return output_dir
 
@@ -320,6 +324,8 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ConversionError(f"{output_dir} is not empty; choose a new --output folder")
     if base_dir is not None:
+        if not os.path.isdir(base_dir):
+            raise ConversionError(f"--base {base_dir}: missing (no such folder)")
         if not os.path.isfile(os.path.join(base_dir, "config.json")):
             raise ConversionError(f"--base {base_dir}: no config.json; give the converted model folder")
         config = AutoConfig.from_pretrained(base_dir)

@@ -33,6 +33,10 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 class FormatProblem(ValueError):
     """`field: problem` inside one record; the reader adds where the record is."""
 
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
 
 @dataclass
 class LoadedData:
@@ -147,15 +151,15 @@ def _loss_flag(item: dict, field: str, trained: bool) -> bool | None:
     if not given:
         return None
     if len(given) == 2:
-        raise FormatProblem(f"{field}: has both 'weight' and 'loss'; keep one")
+        raise FormatProblem(field, "has both 'weight' and 'loss'; keep one")
     key, value = given[0], item[given[0]]
     if not trained:
-        raise FormatProblem(f"{field}.{key}: only assistant turns are trained (system, user, tool results never "
+        raise FormatProblem(f"{field}.{key}", f"only assistant turns are trained (system, user, tool results never "
                             f"are); remove it")
     if key == "weight" and (isinstance(value, bool) or value not in (0, 1)):
-        raise FormatProblem(f"{field}.weight: must be 0 or 1, found {json.dumps(value)}")
+        raise FormatProblem(f"{field}.weight", f"must be 0 or 1, found {json.dumps(value)}")
     if key == "loss" and not isinstance(value, bool):
-        raise FormatProblem(f"{field}.loss: must be true or false, found {json.dumps(value)}")
+        raise FormatProblem(f"{field}.loss", f"must be true or false, found {json.dumps(value)}")
     return bool(value)
 
 
@@ -168,17 +172,18 @@ def _arguments(value, field: str) -> dict:
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as e:
-            raise FormatProblem(f"{field}: not valid JSON ({e.msg} at column {e.colno}); it must hold the "
-                                f"arguments as a JSON object") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise FormatProblem(field, f"not valid JSON ({reason}); it must hold the arguments as a JSON "
+                                       f"object") from None
     if not isinstance(value, dict):
-        raise FormatProblem(f"{field}: must be a JSON object of arguments, found {json_type(value)}")
+        raise FormatProblem(field, f"must be a JSON object of arguments, found {json_type(value)}")
     return value
 
 
 def _tools(value, field: str) -> list:
     """A record's tools as the tools system prompt lists them: OpenAI's {type: function, function: F}
-    entries become F (as the API server does); other entries stay as they are. A string may hold
+    entries become F; other entries stay as they are. A string may hold
     the JSON list (as many published data sets store it)."""
     if value is None:
         return []
@@ -186,15 +191,15 @@ def _tools(value, field: str) -> list:
         try:
             value = json.loads(value) if value.strip() else []
         except json.JSONDecodeError as e:
-            raise FormatProblem(f"{field}: a string must hold a JSON list of tools ({e.msg} at column {e.colno})") \
+            raise FormatProblem(field, f"a string must hold a JSON list of tools ({e.msg} at column {e.colno})") \
                 from None
     if not isinstance(value, list):
-        raise FormatProblem(f"{field}: must be a list of tools, found {json_type(value)}")
+        raise FormatProblem(field, f"must be a list of tools, found {json_type(value)}")
     tools = []
     for i, tool in enumerate(value):
         if isinstance(tool, dict) and tool.get("type") == "function":
             if not isinstance(tool.get("function"), dict):
-                raise FormatProblem(f"{field}[{i}].function: must be an object (name, description, parameters)")
+                raise FormatProblem(f"{field}[{i}].function", "must be an object (name, description, parameters)")
             tool = tool["function"]
         tools.append(tool)
     return tools
@@ -203,9 +208,9 @@ def _tools(value, field: str) -> list:
 def _text(item: dict, key: str, field: str | None = None) -> str:
     name = f"{field}.{key}" if field else key
     if key not in item:
-        raise FormatProblem(f"{name}: missing")
+        raise FormatProblem(name, "missing")
     if not isinstance(item[key], str):
-        raise FormatProblem(f"{name}: must be a string, found {json_type(item[key])}")
+        raise FormatProblem(name, f"must be a string, found {json_type(item[key])}")
     return item[key]
 
 
@@ -215,22 +220,26 @@ def _record(tools: list, turns: list[dict]) -> dict:
 
 def _turn_list(record: dict, key: str) -> list:
     if key not in record:
-        raise FormatProblem(f"{key}: missing")
+        raise FormatProblem(key, "missing")
     if not isinstance(record[key], list):
-        raise FormatProblem(f"{key}: must be a list of turns, found {json_type(record[key])}")
+        raise FormatProblem(key, f"must be a list of turns, found {json_type(record[key])}")
     if not record[key]:
-        raise FormatProblem(f"{key}: the list is empty")
+        raise FormatProblem(key, "the list is empty")
     return record[key]
 
 
 # ---- OpenAI chat messages --------------------------------------------------------------------------
 
-def openai_record(record: dict) -> tuple[dict, list[str], str]:
-    """{"messages", "tools"?} -> a multi-turn record, the field of each turn's role, "messages".
+def openai_record(record: dict, lenient: bool = False) -> tuple[dict, list[str], str]:
+    """{"messages", "tools"?} -> a multi-turn record, the field of each turn's role, "messages": the
+    one translation of OpenAI chat messages, for training data and the API server alike.
 
-    An assistant message's text (if any) becomes an assistant turn, each of its `tool_calls` a
-    `tool` turn whose observation is the `tool` message answering it (by `tool_call_id`, else in
-    order): ChatGLM3 writes every call followed by its result.
+    system and developer messages become system turns; an assistant message's text (if any) an
+    assistant turn, each of its `tool_calls` a `tool` turn whose observation is the `tool` message
+    answering it (by `tool_call_id`, else in order): ChatGLM3 writes every call followed by its
+    result. Training data must keep to that. A chat request need not (`lenient`): a call with no
+    result is a `tool` turn without observation, a result with no call an `observation` turn, and
+    an assistant message may have no content.
     """
     messages = _turn_list(record, "messages")
     turns, role_fields = [], []
@@ -239,27 +248,33 @@ def openai_record(record: dict) -> tuple[dict, list[str], str]:
         message, field = messages[index], f"messages[{index}]"
         role = _role(message, field, "role", OPENAI_ROLES)
         if message.get("function_call") is not None:
-            raise FormatProblem(f"{field}.function_call: the legacy form; write the call in 'tool_calls'")
+            raise FormatProblem(f"{field}.function_call", "the legacy form; write the call in 'tool_calls'")
         loss = _loss_flag(message, field, trained=role == "assistant")
-        if role == "tool":
-            raise FormatProblem(f"{field}: a 'tool' message must follow the assistant message whose tool_calls "
-                                f"it answers")
+        if role == "tool" and not lenient:
+            raise FormatProblem(field, "a 'tool' message must follow the assistant message whose tool_calls "
+                                       "it answers")
         if role != "assistant":
-            turns.append({"role": "user" if role == "user" else "system", "content": _openai_content(message, field)})
+            native = {"user": "user", "tool": "observation"}.get(role, "system")
+            turns.append({"role": native, "content": _openai_content(message, field)})
             role_fields.append(f"{field}.role")
             index += 1
             continue
         calls = _openai_calls(message.get("tool_calls"), f"{field}.tool_calls")
-        text = _openai_content(message, field, required=not calls)
+        text = _openai_content(message, field, required=not (calls or lenient))
         if text.strip() or not calls:
             turns.append(_turn(loss, role="assistant", content=text))
             role_fields.append(f"{field}.role")
         end = index + 1
         while end < len(messages) and isinstance(messages[end], dict) and messages[end].get("role") == "tool":
             end += 1
-        for (name, parameters, _), observation in zip(calls, _call_results(calls, messages, index, end)):
-            turns.append(_turn(loss, role="tool", name=name, parameters=parameters, observation=observation))
+        results, unanswering = _call_results(calls, messages, index, end, lenient)
+        for (name, parameters, _), observation in zip(calls, results):
+            result = {} if observation is None else {"observation": observation}
+            turns.append(_turn(loss, role="tool", name=name, parameters=parameters, **result))
             role_fields.append(f"{field}.role")
+        for position, observation in unanswering:
+            turns.append({"role": "observation", "content": observation})
+            role_fields.append(f"messages[{position}].role")
         index = end
     return _record(_tools(record.get("tools"), "tools"), turns), role_fields, "messages"
 
@@ -267,11 +282,11 @@ def openai_record(record: dict) -> tuple[dict, list[str], str]:
 def _role(turn, field: str, key: str, roles) -> str:
     """turn[key] (the role: "role" or "from"), checked to be one of `roles`."""
     if not isinstance(turn, dict):
-        raise FormatProblem(f"{field}: a turn must be an object, found {json_type(turn)}")
+        raise FormatProblem(field, f"a turn must be an object, found {json_type(turn)}")
     if key not in turn:
-        raise FormatProblem(f"{field}.{key}: missing")
+        raise FormatProblem(f"{field}.{key}", "missing")
     if turn[key] not in roles:
-        raise FormatProblem(f"{field}.{key}: {turn[key]!r} is not one of {', '.join(roles)}")
+        raise FormatProblem(f"{field}.{key}", f"{turn[key]!r} is not one of {', '.join(roles)}")
     return turn[key]
 
 
@@ -280,16 +295,16 @@ def _openai_content(message: dict, field: str, required: bool = True) -> str:
     content = message.get("content")
     if content is None:
         if required:
-            raise FormatProblem(f"{field}.content: missing")
+            raise FormatProblem(f"{field}.content", "missing")
         return ""
     if isinstance(content, list):
         for i, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise FormatProblem(f"{field}.content[{i}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) "
+                raise FormatProblem(f"{field}.content[{i}]", f"only text parts ({{\"type\": \"text\", \"text\": ...}}) "
                                     f"can be trained")
         return "\n".join(part["text"] for part in content)
     if not isinstance(content, str):
-        raise FormatProblem(f"{field}.content: must be a string or a list of text parts, found {json_type(content)}")
+        raise FormatProblem(f"{field}.content", f"must be a string or a list of text parts, found {json_type(content)}")
     return content
 
 
@@ -298,50 +313,67 @@ def _openai_calls(calls, field: str) -> list[tuple[str, dict, str | None]]:
     if calls is None:
         return []
     if not isinstance(calls, list):
-        raise FormatProblem(f"{field}: must be a list, found {json_type(calls)}")
+        raise FormatProblem(field, f"must be a list, found {json_type(calls)}")
     parsed = []
     for i, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise FormatProblem(f"{field}[{i}].function: missing (a call is {{\"id\", \"type\": \"function\", "
-                                f"\"function\": {{\"name\", \"arguments\"}}}})")
+            raise FormatProblem(f"{field}[{i}].function", "missing (a call is {\"id\", \"type\": \"function\", "
+                                                          "\"function\": {\"name\", \"arguments\"}})")
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise FormatProblem(f"{field}[{i}].function.name: must be a non-empty string, found {json_type(name)}")
+            raise FormatProblem(f"{field}[{i}].function.name", f"must be a non-empty string, found {json_type(name)}")
         if "arguments" not in function:
-            raise FormatProblem(f"{field}[{i}].function.arguments: missing")
+            raise FormatProblem(f"{field}[{i}].function.arguments", "missing")
         parsed.append((name, _arguments(function["arguments"], f"{field}[{i}].function.arguments"), call.get("id")))
     return parsed
 
 
-def _call_results(calls: list[tuple[str, dict, str | None]], messages: list, index: int, end: int) -> list[str]:
-    """The text of the `tool` message answering each call: by `tool_call_id`, else the next
-    unanswered call in order. Every call needs exactly one result."""
-    results: list[str | None] = [None] * len(calls)
+def _call_results(calls: list[tuple[str, dict, str | None]], messages: list, index: int, end: int,
+                  lenient: bool) -> tuple[list[str | None], list[tuple[int, str]]]:
+    """The text of the `tool` message answering each call of messages[index] (the results are
+    messages[index + 1:end]), and (position, text) of the results that answer none.
+
+    A result answers the call its `tool_call_id` names, else the next call in order that no
+    result names. Strict: every call has exactly one result; lenient: a call may have none, and
+    results for no call (unknown ids count as none) are left over.
+    """
     ids = [call_id for _, _, call_id in calls]
+    results: list[str | None] = [None] * len(calls)
+    in_order, unanswering = [], []
     for position in range(index + 1, end):
         message, field = messages[position], f"messages[{position}]"
         _loss_flag(message, field, trained=False)
-        call_id = message.get("tool_call_id")
-        if call_id is not None:
-            if call_id not in ids:
-                known = ", ".join(repr(i) for i in ids if i is not None) or "none"
-                raise FormatProblem(f"{field}.tool_call_id: {call_id!r} matches no call of messages[{index}] "
-                                    f"(its call ids: {known})")
-            answered = ids.index(call_id)
+        text, call_id = _openai_content(message, field), message.get("tool_call_id")
+        if call_id is None or (lenient and call_id not in ids):
+            in_order.append((position, text))
+            continue
+        if call_id not in ids:
+            known = ", ".join(repr(i) for i in ids if i is not None) or "none"
+            raise FormatProblem(f"{field}.tool_call_id", f"{call_id!r} matches no call of messages[{index}] "
+                                                         f"(its call ids: {known})")
+        answered = next((i for i, known in enumerate(ids) if known == call_id and results[i] is None), None)
+        if answered is None and not lenient:
+            raise FormatProblem(f"{field}.tool_call_id", f"a second result for call {call_id!r}")
+        if answered is None:
+            unanswering.append((position, text))
         else:
-            answered = next((i for i, result in enumerate(results) if result is None), None)
-            if answered is None:
-                raise FormatProblem(f"{field}: a 'tool' result with no call left to answer (messages[{index}] "
-                                    f"has {len(calls)} tool_calls)")
-        if results[answered] is not None:
-            raise FormatProblem(f"{field}.tool_call_id: a second result for call {call_id!r}")
-        results[answered] = _openai_content(message, field)
+            results[answered] = text
+    for position, text in in_order:
+        answered = next((i for i, result in enumerate(results) if result is None), None)
+        if answered is None and not lenient:
+            raise FormatProblem(f"messages[{position}]", f"a 'tool' result with no call left to answer "
+                                                         f"(messages[{index}] has {len(calls)} tool_calls)")
+        if answered is None:
+            unanswering.append((position, text))
+        else:
+            results[answered] = text
     for i, result in enumerate(results):
-        if result is None:
-            raise FormatProblem(f"messages[{index}].tool_calls[{i}]: no 'tool' message answers this call; ChatGLM3 "
-                                f"writes every call followed by its result, so add one right after messages[{index}]")
-    return results
+        if result is None and not lenient:
+            raise FormatProblem(f"messages[{index}].tool_calls[{i}]", f"no 'tool' message answers this call; "
+                                f"ChatGLM3 writes every call followed by its result, so add one right after "
+                                f"messages[{index}]")
+    return results, sorted(unanswering)
 
 
 # ---- ShareGPT --------------------------------------------------------------------------------------
@@ -354,7 +386,7 @@ def sharegpt_record(record: dict) -> tuple[dict, list[str], str]:
     turns, role_fields = [], []
     system = record.get("system")
     if system is not None and not isinstance(system, str):
-        raise FormatProblem(f"system: must be a string, found {json_type(system)}")
+        raise FormatProblem("system", f"must be a string, found {json_type(system)}")
     if system:
         turns.append({"role": "system", "content": system})
         role_fields.append("system")
@@ -365,12 +397,13 @@ def sharegpt_record(record: dict) -> tuple[dict, list[str], str]:
         loss = _loss_flag(turn, field, trained=role in ("assistant", "tool"))
         value = _text(turn, "value", field)
         if role == "observation":
-            raise FormatProblem(f"{field}.from: an 'observation' must come right after the 'function_call' it answers")
+            raise FormatProblem(f"{field}.from", "an 'observation' must come right after the 'function_call' it "
+                                                 "answers")
         if role == "tool":
             name, parameters = _sharegpt_call(value, f"{field}.value")
             result = source[index + 1] if index + 1 < len(source) else None
             if not isinstance(result, dict) or result.get("from") != "observation":
-                raise FormatProblem(f"{field}: a function_call must be followed by its 'observation' turn (ChatGLM3 "
+                raise FormatProblem(field, "a function_call must be followed by its 'observation' turn (ChatGLM3 "
                                     f"writes every call followed by its result)")
             _loss_flag(result, f"conversations[{index + 1}]", trained=False)
             observation = _text(result, "value", f"conversations[{index + 1}]")
@@ -387,17 +420,17 @@ def _sharegpt_call(value: str, field: str) -> tuple[str, dict]:
     try:
         call = json.loads(value)
     except json.JSONDecodeError as e:
-        raise FormatProblem(f"{field}: a function_call's value must be JSON {{\"name\", \"arguments\"}} ({e.msg} at "
+        raise FormatProblem(field, f"a function_call's value must be JSON {{\"name\", \"arguments\"}} ({e.msg} at "
                             f"column {e.colno})") from None
     if isinstance(call, list):
-        raise FormatProblem(f"{field}: several calls in one turn; ChatGLM3 writes every call followed by its own "
+        raise FormatProblem(field, "several calls in one turn; ChatGLM3 writes every call followed by its own "
                             f"result, so write one function_call/observation pair per call")
     if not isinstance(call, dict):
-        raise FormatProblem(f"{field}: must be a JSON object {{\"name\", \"arguments\"}}, found {json_type(call)}")
+        raise FormatProblem(field, f"must be a JSON object {{\"name\", \"arguments\"}}, found {json_type(call)}")
     if not isinstance(call.get("name"), str) or not call["name"]:
-        raise FormatProblem(f"{field}: the call's \"name\" must be a non-empty string")
+        raise FormatProblem(field, "the call's \"name\" must be a non-empty string")
     if "arguments" not in call:
-        raise FormatProblem(f"{field}: the call has no \"arguments\" (write {{}} for none)")
+        raise FormatProblem(field, f"the call has no \"arguments\" (write {{}} for none)")
     return call["name"], _arguments(call["arguments"], f"{field}: arguments")
 
 
@@ -415,22 +448,22 @@ def alpaca_record(record: dict, as_chat: bool) -> tuple[dict, list[str] | None, 
     instruction, output = _text(record, "instruction"), _text(record, "output")
     extra = _optional(record, "input", "")
     if not isinstance(extra, str):
-        raise FormatProblem(f"input: must be a string, found {json_type(extra)}")
+        raise FormatProblem("input", f"must be a string, found {json_type(extra)}")
     prompt = "\n".join(part for part in (instruction, extra) if part)
     if not prompt:
-        raise FormatProblem("instruction: empty, and no input: the record has no prompt")
+        raise FormatProblem("instruction", "empty, and no input: the record has no prompt")
     if not as_chat:
         return {"prompt": prompt, "response": output}, None, None
     system = _optional(record, "system", "")
     if not isinstance(system, str):
-        raise FormatProblem(f"system: must be a string, found {json_type(system)}")
+        raise FormatProblem("system", f"must be a string, found {json_type(system)}")
     turns, role_fields = ([{"role": "system", "content": system}], ["system"]) if system else ([], [])
     history = _optional(record, "history", [])
     if not isinstance(history, list):
-        raise FormatProblem(f"history: must be a list of [question, answer] pairs, found {json_type(history)}")
+        raise FormatProblem("history", f"must be a list of [question, answer] pairs, found {json_type(history)}")
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
-            raise FormatProblem(f"history[{i}]: must be a [question, answer] pair of strings, found "
+            raise FormatProblem(f"history[{i}]", f"must be a [question, answer] pair of strings, found "
                                 f"{json.dumps(pair, ensure_ascii=False)[:80]}")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         role_fields += [f"history[{i}]", f"history[{i}]"]

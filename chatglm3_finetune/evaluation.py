@@ -219,18 +219,23 @@ class GenerationEval:
         self.datasets: dict = {}
 
     @classmethod
-    def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
-        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
+    def from_args(cls, tokenizer, data_args, training_args, records: dict | None = None) -> "GenerationEval":
+        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict), or takes
+        `records` already read: {"eval" | "test": [(location, record), ...]} (e.g. held out by --val_size)."""
         generation = cls(tokenizer, None, data_args.max_source_length)
-        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
-                   data_args.validation_split, "--validation_split"),
-                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
-                   data_args.test_split, "--test_split"))
-        for name, wanted, path, max_samples, split, split_flag in splits:
-            if wanted:
-                located = read_and_validate(path, data_args, max_samples, split, split_flag)
+        if records is None:
+            records = {}
+            splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
+                       data_args.validation_split, "--validation_split"),
+                      ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
+                       data_args.test_split, "--test_split"))
+            for name, wanted, path, max_samples, split, split_flag in splits:
+                if wanted:
+                    records[name] = read_and_validate(path, data_args, max_samples, split, split_flag)
+        for name in ("eval", "test"):
+            if name in records:
                 generation.train_format = record_format_of(data_args)
-                generation.add_split(name, [record for _, record in located])
+                generation.add_split(name, [record for _, record in records[name]])
         return generation
 
     def add_split(self, name: str, records: list[dict]):

@@ -30,6 +30,12 @@ TOOLS_PROMPT = "Answer the following questions as best as you can. You have acce
 # becomes a system message placed first. A "tool" message (a tool's result) renders as an observation.
 CHAT_TEMPLATE = """
 {{- '[gMASK]<sop>' -}}
+{#- vLLM and transformers pass OpenAI tools {"type": "function", "function": F}; ChatGLM3 was trained on F -#}
+{%- set unwrapped = namespace(tools=[]) -%}
+{%- for tool in tools or [] -%}
+    {%- set unwrapped.tools = unwrapped.tools + [tool['function'] if tool['type'] == 'function' else tool] -%}
+{%- endfor -%}
+{%- set tools = unwrapped.tools -%}
 {%- if tools -%}
     {{- '<|system|>\\n Answer the following questions as best as you can. You have access to the following tools:\\n' -}}
     {{- tools | tojson(indent=4, ensure_ascii=False) -}}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .file_modes import respect_umask
 from .model_loading import peft_deprecations_silenced
 
 logger = logging.getLogger("merge_lora")
@@ -54,8 +55,11 @@ def resolve_base(base: str | None, adapter_config: dict, adapter: str) -> str:
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{adapter}/adapter_config.json names no base model: pass --base")
+    if not os.path.isdir(base):
+        raise MergeError(f"base model {base}: missing (no such folder); pass --base with the folder "
+                         f"the adapter was trained on")
     if not os.path.isfile(os.path.join(base, "config.json")):
-        raise MergeError(f"base model {base}: no such model folder (no config.json); pass --base with the folder "
+        raise MergeError(f"base model {base}: not a model folder (no config.json); pass --base with the folder "
                          f"the adapter was trained on")
     return base
 
@@ -90,6 +94,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     merged = model.merge_and_unload()
     os.makedirs(output, exist_ok=True)
     merged.save_pretrained(output)
+    respect_umask(output)
     tokenizer_source = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(tokenizer_source, name)):

@@ -65,15 +65,15 @@ def default_device_map(use_cpu: bool = False, training: bool = False):
 
 def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                     quantization_bit: int | None = None, attn_implementation: str | None = None,
-                    device_map=None):
+                    device_map=None, remote_code_flag: str = "--trust_remote_code"):
     """A causal LM from a local folder through AutoModelForCausalLM (no remote code unless asked).
     With `quantization_bit` the linear layers are loaded in 8 or 4 bits (frozen; compute in `dtype`,
-    bf16 when that is fp32)."""
+    bf16 when that is fp32). `remote_code_flag`: how the caller spells its trust-remote-code flag."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if not os.path.isdir(path):
-        raise ModelLoadError(f"{path}: no such model folder")
+        raise ModelLoadError(f"{path}: missing (no such folder)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -81,7 +81,7 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
             raise ModelLoadError(
                 f"{path} is an original ChatGLM3 checkpoint (remote code). Convert it once with "
                 f"`python scripts/convert_chatglm3.py --input {path} --output <new folder>` and train on the "
-                f"converted folder, or pass --trust_remote_code if you have working remote code") from None
+                f"converted folder, or pass {remote_code_flag} if you have working remote code") from None
         raise ModelLoadError(f"{path}: {e}") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -160,8 +160,11 @@ def add_prefix_tuning(model, model_args, base_path: str):
     keep_4bit_layers_trainable(model)
     if model_args.ptuning_checkpoint:
         logger.info("Continuing P-Tuning v2 from %s", model_args.ptuning_checkpoint)
+        # The prefix now belongs to the base trained here, whatever the checkpoint named (an original
+        # checkpoint names the hub id or the folder it was made in).
         return PrefixTuningModel.from_pretrained(model, model_args.ptuning_checkpoint, model_args.pre_seq_len,
-                                                 trainable=True, prefix_dropout=model_args.prefix_dropout)
+                                                 trainable=True, prefix_dropout=model_args.prefix_dropout,
+                                                 base_model_name_or_path=base_path)
     return PrefixTuningModel(model, model_args.pre_seq_len, model_args.prefix_projection,
                              model_args.prefix_hidden_size, model_args.prefix_dropout,
                              base_model_name_or_path=base_path)

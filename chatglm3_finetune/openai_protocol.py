@@ -1,16 +1,17 @@
-"""The OpenAI chat protocol and its translation to and from the ChatGLM3 conversation format:
-pydantic models of a chat-completion request, OpenAI messages + tools -> ChatGLM3 `Message`s,
-and a generated reply -> an OpenAI assistant message (whole, or as streamed deltas).
+"""The OpenAI chat protocol: pydantic models of a chat-completion request, its messages + tools as
+ChatGLM3 `Message`s, and a generated reply as an OpenAI assistant message (whole, or as deltas).
 
-How OpenAI messages become ChatGLM3 messages (exactly as training renders them):
-- `tools` = [{"type": "function", "function": F}, ...] -> a first system message
-  `tools_system_prompt([F, ...])`: the function specs (name, description, parameters), the shape
-  a `tools` list has in the training data. `tool_choice: "none"` leaves them out.
+The request's messages are checked here (shapes, types: errors in OpenAI's form), then
+translated by `data_formats.openai_record`, the one OpenAI -> ChatGLM3 translation that training
+data uses too, in its lenient mode, and rendered by `chat_format.conversation_messages`, exactly
+as training renders its records:
+- `tools` = [{"type": "function", "function": F}, ...] -> a first system message listing the
+  function specs F (the shape a `tools` list has in the training data); `tool_choice: "none"`
+  leaves them out.
 - system / developer / user -> the same native role; text content parts are joined by "\\n".
-- an assistant message with `tool_calls` -> its text (if any) as a plain assistant message, then
-  per call an assistant message with metadata = the function name and text =
-  `render_tool_call(name, arguments)`, each followed by its `tool` result as an observation
-  (matched by `tool_call_id`, else in order).
+- an assistant message with `tool_calls` -> its text (if any), then per call the call message
+  followed by its `tool` result as an observation (matched by `tool_call_id`, else in order).
+  Unlike training data, a call may lack its result, and a result with no call is an observation.
 And back: the model may write a plain message, then `<|assistant|>` and a tool call (the layout of
 ToolAlpaca training data). The plain parts become `content`, the calls `tool_calls`
 (`finish_reason: "tool_calls"`); a reply that looks like a call but cannot be read is returned
@@ -30,8 +31,10 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter,
                       ValidationError, field_validator, model_validator)
 
-from .chat_format import Message, render_tool_call, tools_system_prompt
+from .chat_format import Message, conversation_messages
 from .chat_parsing import ToolCall, parse_assistant_reply
+from .data_formats import FormatProblem, openai_record
+from .records import json_type
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +96,7 @@ class TextPart(_Model):
 
 class FunctionCall(_Model):
     name: StrictStr = Field(min_length=1)
-    arguments: StrictStr | dict = Field("{}", validate_default=True)
-
-    @field_validator("arguments")
-    @classmethod
-    def _arguments_object(cls, arguments):
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"function.arguments is not valid JSON ({getattr(e, 'msg', 'nested too deeply')})")
-        if not isinstance(arguments, dict):
-            raise ValueError("function.arguments must be a JSON object (as a string)")
-        return arguments
+    arguments: StrictStr | dict = "{}"  # read by data_formats.openai_record, which says what is wrong
 
 
 class RequestedToolCall(_Model):
@@ -138,12 +129,6 @@ class ChatMessage(_Model):
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs 'content'")
         return self
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content or ""
 
 
 class Tool(_Model):
@@ -244,7 +229,9 @@ _TOOLS = TypeAdapter(list[Tool] | None)
 
 def openai_messages_to_chatglm(messages: list, tools: list | None = None,
                                tool_choice: str | None = None) -> list[Message]:
-    """The ChatGLM3 messages of an OpenAI `messages` list (+ `tools`), in training's layout.
+    """The ChatGLM3 messages of an OpenAI `messages` list (+ `tools`), in training's layout: the
+    request is checked here, then translated by `data_formats.openai_record` (leniently) and
+    rendered as training renders records.
 
     Takes decoded JSON or ChatMessage/Tool models; ProtocolError names the offending field."""
     if not isinstance(messages, list) or not messages:
@@ -257,51 +244,14 @@ def openai_messages_to_chatglm(messages: list, tools: list | None = None,
         tools = _TOOLS.validate_python(tools)
     except ValidationError as e:
         _raise_cause_or(e, ("tools",))
-    specs = [tool.function for tool in tools or []]
-    rendered = [Message("system", "", tools_system_prompt(specs), False)] if specs and tool_choice != "none" else []
-    index = 0
-    while index < len(messages):
-        message = messages[index]
-        role = {"developer": "system", "tool": "observation"}.get(message.role, message.role)
-        if role != "assistant":
-            rendered.append(Message(role, "", message.text, False))
-        else:
-            calls = message.tool_calls or []
-            if message.text.strip() or not calls:
-                rendered.append(Message("assistant", "", message.text, False))
-            if calls:
-                end = index + 1
-                while end < len(messages) and messages[end].role == "tool":
-                    end += 1
-                rendered += _calls_with_results(calls, messages[index + 1:end])
-                index = end
-                continue
-        index += 1
-    return rendered
-
-
-def _calls_with_results(calls: list[RequestedToolCall], results: list[ChatMessage]) -> list[Message]:
-    """Each call followed by its result (matched by tool_call_id, else in order), as ChatGLM3 has it."""
-    unused = list(results)
-    call_ids = {call.id for call in calls if call.id}
-    rendered = []
-    for call in calls:
-        match = next((r for r in unused if call.id and r.tool_call_id == call.id), None)
-        if match is None:
-            match = next((r for r in unused if r.tool_call_id not in call_ids), None)
-        name = call.function.name
-        rendered.append(Message("assistant", name, render_tool_call(name, call.function.arguments), False))
-        if match is not None:
-            unused.remove(match)
-            rendered.append(Message("observation", "", match.text, False))
-    rendered += [Message("observation", "", result.text, False) for result in unused]
-    return rendered
-
-
-def json_type(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
+    request = {"messages": [message.model_dump(exclude_none=True) for message in messages]}
+    if tools and tool_choice != "none":
+        request["tools"] = [tool.model_dump() for tool in tools]
+    try:
+        record, _, _ = openai_record(request, lenient=True)
+    except FormatProblem as e:
+        raise ProtocolError(e.problem, e.field) from None
+    return [Message(m.role, m.metadata, m.text, False) for m in conversation_messages(record)]  # trains nothing
 
 
 # ---- the reply: generated text -> OpenAI message ------------------------------------------------

@@ -32,6 +32,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .file_modes import respect_umask
 from .supervised_loss import supervised_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ class PrefixTuningModel(nn.Module):
             return
         os.makedirs(save_directory, exist_ok=True)
         save_file(state, os.path.join(save_directory, PREFIX_WEIGHTS_FILE), metadata={"format": "pt"})
+        respect_umask(save_directory)
         with open(os.path.join(save_directory, PREFIX_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"format": PREFIX_FORMAT, **self.settings}, f, indent=2)
             f.write("\n")
@@ -408,10 +410,12 @@ class PrefixTuningModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, checkpoint_dir: str, pre_seq_len: int | None = None,
-                        trainable: bool = False, prefix_dropout: float = 0.1) -> "PrefixTuningModel":
+                        trainable: bool = False, prefix_dropout: float = 0.1,
+                        base_model_name_or_path: str | None = None) -> "PrefixTuningModel":
         """The base model plus the prefix saved in `checkpoint_dir` (this toolkit's format or the
         original ChatGLM3 one); all settings come from the checkpoint. Frozen and in eval mode
-        unless `trainable`."""
+        unless `trainable`. `base_model_name_or_path` is the base recorded when it is saved again
+        (default: the one the checkpoint names)."""
         settings = read_prefix_settings(checkpoint_dir)
         if pre_seq_len is not None and pre_seq_len != settings["pre_seq_len"]:
             raise ValueError(f"pre_seq_len {pre_seq_len} was asked for, but the checkpoint {checkpoint_dir} was "
@@ -420,7 +424,7 @@ class PrefixTuningModel(nn.Module):
         _check_fits_base(settings, base_model.config, checkpoint_dir)
         model = cls(base_model, settings["pre_seq_len"], settings["prefix_projection"],
                     settings["prefix_hidden_size"], prefix_dropout=prefix_dropout,
-                    base_model_name_or_path=settings.get("base_model_name_or_path"))
+                    base_model_name_or_path=base_model_name_or_path or settings.get("base_model_name_or_path"))
         model.load_prefix(checkpoint_dir)
         if not trainable:
             model.prefix_encoder.requires_grad_(False)

@@ -58,6 +58,7 @@ def trained_settings(model_args, data_args, training_args) -> dict:
     settings = {
         "data": f"{os.path.abspath(data_args.train_file)} (sha256 {data_digest(data_args.train_file)})",
         "train_split": getattr(data_args, "train_split", None),
+        "val_size": getattr(data_args, "val_size", None),
         "max_train_samples": data_args.max_train_samples,
         "train_format": data_args.train_format,
         "model": os.path.abspath(model_args.model_name_or_path),

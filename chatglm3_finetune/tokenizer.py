@@ -192,11 +192,11 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
 def load_tokenizer(path: str, **kwargs) -> ChatGLM3Tokenizer:
     """The ChatGLM3 tokenizer from a folder (or a tokenizer.model file path)."""
     vocab_file = path if os.path.isfile(path) else os.path.join(path, TOKENIZER_MODEL_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (no such folder)")
     if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(
-            f"no {TOKENIZER_MODEL_FILE} in {path!r}: point --tokenizer_name (or the model path) at a "
-            f"ChatGLM3 folder that holds the SentencePiece model"
-        )
+        raise FileNotFoundError(f"no {TOKENIZER_MODEL_FILE} in {path}: give a ChatGLM3 folder that holds the "
+                                f"SentencePiece model")
     padding_side = kwargs.pop("padding_side", None)
     config_file = os.path.join(os.path.dirname(vocab_file), "tokenizer_config.json")
     if padding_side is None and os.path.isfile(config_file):

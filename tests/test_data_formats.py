@@ -488,7 +488,7 @@ def test_finetune_trains_on_a_dataset_folder_of_openai_records(tiny_model_dir, t
         "--train_split", "train", "--validation_file", str(tmp_path / "chats"), "--validation_split", "test",
         "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none",
         "--pre_seq_len", "2", "--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "3",
-        "--preprocessing_cache_dir", str(tmp_path / "cache"))
+        "--preprocessing_cache_dir", str(tmp_path / "cache"), "--full_sanity_check")
     assert (f"{tmp_path / 'chats' / 'train'}: 3 openai records (recognised from the first record), read as "
             f"multi-turn records") in result.stdout
     assert f"{tmp_path / 'chats' / 'test'}: 1 openai records" in result.stdout

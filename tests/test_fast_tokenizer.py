@@ -7,6 +7,7 @@ import random
 import pytest
 from transformers import AutoTokenizer, TokenizersBackend
 
+from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt
 from chatglm3_finetune.tokenizer import ChatGLM3Tokenizer, load_tokenizer
 from conftest import shared_path
 from chatglm3_finetune.fast_tokenizer import TOOLS_PROMPT, build_fast_tokenizer
@@ -148,6 +149,19 @@ def test_chat_template_tools_system_prompt(real_tokenizer, real_fast):
     expected = [GMASK, SOP] + message_ids(real_tokenizer, "system", tools_text) + message_ids(
         real_tokenizer, "user", "北京天气?")
     assert real_fast.apply_chat_template(chat, tools=tools, return_dict=False) == expected
+
+
+def test_chat_template_unwraps_openai_tools_as_vllm_passes_them(real_tokenizer, real_fast):
+    weather = {"name": "get_weather", "description": "查询天气",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    bare = {"name": "add", "parameters": {"a": 1}}  # a bare spec, as our data sets write them, stays as it is
+    chat = [{"role": "user", "content": "北京天气?"}]
+    expected = build_chat_input(real_tokenizer, [Message("system", "", tools_system_prompt([weather, bare]), False),
+                                                 Message("user", "", "北京天气?", False)])
+    wrapped = [{"type": "function", "function": weather}, bare]
+    assert real_fast.apply_chat_template(chat, tools=wrapped, add_generation_prompt=True, return_dict=False) == expected
+    assert real_fast.apply_chat_template(chat, tools=[], add_generation_prompt=True, return_dict=False) == (
+        build_chat_input(real_tokenizer, [Message("user", "", "北京天气?", False)]))
 
 
 def test_chat_template_tool_result_is_an_observation(real_tokenizer, real_fast):

@@ -499,6 +499,9 @@ def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_mod
         return err
 
     assert "no such folder" in error_of("--model", str(tmp_path / "missing"))
+    original = str(shared_path("chatglm3-tiny-original", "model"))
+    err = error_of("--model", original)  # remote code: the message names inference's own flag
+    assert "is an original ChatGLM3 checkpoint" in err and "--trust-remote-code" in err and "_remote_" not in err
     assert "no such folder" in error_of("--model", tiny_model_dir, "--pt-checkpoint", str(tmp_path / "nope"))
     err = error_of("--model", tiny_model_dir, "--pt-checkpoint", pt_checkpoint, "--pt-pre-seq-len", "16")
     assert "pre_seq_len 16" in err and "pre_seq_len 4" in err

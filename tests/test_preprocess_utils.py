@@ -394,3 +394,59 @@ def test_records_left_without_targets_are_left_out_and_counted(tiny_tokenizer):
     dataset, report = tokenize_records(tiny_tokenizer, records, MULTI_TURN, LengthLimits(max_seq_length=20))
     assert len(dataset) == 1 and report.no_targets_left == 1 and report.kept == 1
     assert "1 left out because no supervised target was left" in report.summary()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_seq_length", "-5"], "--max_seq_length must be at least 3 tokens, got -5"),
+    (["--max_seq_length", "0"], "--max_seq_length must be at least 3 tokens, got 0"),
+    (["--max_source_length", "2"], "--max_source_length must be at least 3 tokens, got 2"),
+    (["--max_target_length", "0"], "--max_target_length must be at least 1 tokens, got 0"),
+])
+def test_preview_rejects_caps_finetune_rejects(tmp_path, tiny_model_dir, capsys, flags, message):
+    import preprocess_utils
+
+    path = write(tmp_path, "d.jsonl", jsonl(GOOD))
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess_utils.main(["--tokenizer", tiny_model_dir, "--train_format", "multi-turn", "--data", path, *flags])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+
+
+def test_preview_names_its_own_tokenizer_flag(tmp_path, capsys):
+    import preprocess_utils
+
+    path = write(tmp_path, "d.jsonl", jsonl(GOOD))
+    assert preprocess_utils.main(["--tokenizer", str(tmp_path / "none"), "--train_format", "multi-turn",
+                                  "--data", path]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --tokenizer: {tmp_path / 'none'}: missing (no such folder)"
+    assert preprocess_utils.main(["--tokenizer", str(tmp_path), "--train_format", "multi-turn", "--data", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --tokenizer: no tokenizer.model in {tmp_path}") and "tokenizer_name" not in err
+
+
+def test_preview_warns_about_what_the_caps_cut(tmp_path, tiny_model_dir, capsys):
+    import preprocess_utils
+
+    long_prompt = {"conversations": [{"role": "user", "content": "word " * 60}, A]}
+    path = write(tmp_path, "d.jsonl", jsonl(GOOD, long_prompt))
+    assert preprocess_utils.main(["--tokenizer", tiny_model_dir, "--train_format", "multi-turn", "--data", path,
+                                  "--max_seq_length", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("warning: 1 of 2 records were cut by --max_seq_length 20")
+    assert lines[-1].startswith("warning: 1 of 2 records left out because the cut removed every supervised target")
+
+
+def test_sanity_check_of_a_long_record_shows_its_start_and_end(tiny_tokenizer):
+    from chatglm3_finetune.encoding import SANITY_CHECK_HEAD, SANITY_CHECK_TAIL
+
+    encoded = encode_multi_turn(tiny_tokenizer, conv(U, {"role": "assistant", "content": "word " * 400}))
+    total = len(encoded.input_ids)
+    full = sanity_check_lines(tiny_tokenizer, encoded.input_ids, encoded.labels, full=True)
+    assert len(full) == total + 2
+    short = sanity_check_lines(tiny_tokenizer, encoded.input_ids, encoded.labels)
+    hidden = total - SANITY_CHECK_HEAD - SANITY_CHECK_TAIL
+    assert short == (full[:SANITY_CHECK_HEAD + 1]
+                     + [f"... {hidden} tokens not shown (--full_sanity_check shows every token) ..."]
+                     + full[-SANITY_CHECK_TAIL - 1:])
+    few = encode_multi_turn(tiny_tokenizer, GOOD)
+    assert len(sanity_check_lines(tiny_tokenizer, few.input_ids, few.labels)) == len(few.input_ids) + 2

@@ -1,7 +1,8 @@
 """docs/serving.md's vLLM recipe, checked as far as this machine can (vLLM itself is not installed):
 a saved model folder is a native `GlmForCausalLM` whose fast tokenizer's chat template renders
 OpenAI messages to the very ids this server builds, and whose generation config stops on the same
-tokens; tools go in as the system message the recipe shows."""
+tokens; tools render alike whether vLLM hands the template OpenAI's wrappers or the recipe's
+system message carries them."""
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -15,8 +16,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "What is 2 + 2?"}]
 
 
-def template_ids(tokenizer, messages) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+def template_ids(tokenizer, messages, tools=None) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
 
@@ -29,10 +30,12 @@ def test_saved_model_is_what_vllm_serves_with_our_prompt_and_stops(tiny_model_di
     assert sorted(stops) == sorted(ours.stop_token_ids)  # eos, <|user|>, <|observation|>
 
 
-def test_tools_as_the_recipes_system_message_render_like_this_servers_tools(tiny_model_dir):
+def test_tools_from_vllm_or_the_recipes_system_message_render_like_this_servers_tools(tiny_model_dir):
     ours = load_tokenizer(tiny_model_dir)
     fast = AutoTokenizer.from_pretrained(tiny_model_dir)
     question = [{"role": "user", "content": "Weather in Paris?"}]
-    served_here = build_chat_input(ours, openai_messages_to_chatglm(question, [{"type": "function", "function": WEATHER}]))
+    tools = [{"type": "function", "function": WEATHER}]
+    served_here = build_chat_input(ours, openai_messages_to_chatglm(question, tools))
+    assert template_ids(fast, question, tools) == served_here  # what vLLM renders for a request's `tools`
     recipe = [{"role": "system", "content": tools_system_prompt([WEATHER])}] + question
     assert template_ids(fast, recipe) == served_here
