@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -111,6 +112,20 @@ class DataArguments:
         return self.preprocessing_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "chatglm3_finetune")
 
 
+@dataclass
+class TrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments plus what keeps a run safe (README: "When things go wrong")."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over: remove the previous run's checkpoints and records from --output_dir instead of "
+                "resuming from them"})
+    nan_patience: int = field(default=0, metadata={
+        "help": "skip up to N optimizer steps in a row with a non-finite loss or gradient norm before stopping "
+                "as diverged (default 0: stop at the first; not with DeepSpeed or fp16)"})
+    save_every_minutes: float = field(default=0, metadata={
+        "help": "also save a checkpoint when this many minutes passed since the last one (0: off)"})
+
+
 def parse_args(argv: list[str] | None = None):
     """(model_args, data_args, training_args) from flags, or from one .json/.yaml file.
 
@@ -118,7 +133,7 @@ def parse_args(argv: list[str] | None = None):
     option), a broken --deepspeed config and values the option classes reject.
     """
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = argv[0]
         options = read_options_file(path)
@@ -258,6 +273,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError(problem)
     if not data_args.allow_longer_than_model and data_args.train_format in FIXED_RECORD_FORMAT:
         check_fits_model_context(model_args, data_args)
+    check_safety_options(training_args)
 
 
 def _check_val_size(data_args) -> None:
@@ -291,6 +307,18 @@ def check_fits_model_context(model_args, data_args) -> None:
     if isinstance(context, int) and longest > context:
         raise OptionError(f"{named} is longer than the model's context, max_position_embeddings {context} "
                           f"({config_file}): lower the cap, or pass --allow_longer_than_model to train beyond it")
+
+
+def check_safety_options(training_args) -> None:
+    if not math.isfinite(training_args.learning_rate) or training_args.learning_rate < 0:
+        raise OptionError(f"--learning_rate must be a finite number >= 0, got {training_args.learning_rate}")
+    if getattr(training_args, "nan_patience", 0) < 0:
+        raise OptionError(f"--nan_patience must be >= 0, got {training_args.nan_patience}")
+    if getattr(training_args, "nan_patience", 0) and (training_args.deepspeed or training_args.fp16):
+        raise OptionError("--nan_patience needs a run without DeepSpeed and fp16: there the step is taken (or "
+                          "skipped by loss scaling) before a bad batch can be dropped")
+    if getattr(training_args, "save_every_minutes", 0) < 0:
+        raise OptionError(f"--save_every_minutes must be >= 0, got {training_args.save_every_minutes}")
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:

@@ -1,6 +1,7 @@
 """The Trainer subclass: saves only what was trained (the P-Tuning prefix, LoRA adapters) or the
-whole model for full fine-tuning, logs supervised tokens, writes run_config.json and a loss
-curve, and finds the checkpoint to resume from.
+whole model for full fine-tuning (never non-finite weights), logs supervised tokens, keeps run totals
+across resumes, runs the divergence guard and the stop-and-save handler, writes run_config.json and
+a loss curve, and finds the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import re
 
 import torch
 from transformers import Seq2SeqTrainer
+from transformers.trainer_pt_utils import nested_gather
 
 from chatglm3_finetune.checkpoint_folders import holds_weights
+from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
 from chatglm3_finetune.file_modes import respect_umask
+from chatglm3_finetune.output_folder import write_failed
+from chatglm3_finetune.preemption import PreemptionSaver
 from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
                                            trainer_generation_kwargs, trainer_prepare_inputs,
@@ -28,7 +33,11 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
-class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint")):
+RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: totals that survive resumes
+
+
+class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint", "_get_grad_norm", "_save_checkpoint",
+                                          "_load_callback_state", "_load_optimizer_and_scheduler")):
     """The loss contract: models declare `accepts_loss_kwargs` (supervised_loss.SupervisedLossSwitch)
     and every model kind's targets are counted with the causal label shift, here and in the
     Trainer's `num_items_in_batch` (`count_targets`)."""
@@ -37,12 +46,35 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
         super().__init__(*args, **kwargs)
         declare_causal_label_shift(self)
         self._supervised_tokens = 0
+        self._loss_sum_before = 0.0  # the summed step losses of the sessions before a resume
         self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
+        self.args.logging_nan_inf_filter = False  # it logs 0 for a NaN; the guard stops such runs instead
+        self.divergence_guard = DivergenceGuard(patience=getattr(self.args, "nan_patience", 0),
+                                                fp16=self._uses_fp16(), deepspeed=self.is_deepspeed_enabled)
+        self.preemption = PreemptionSaver(getattr(self.args, "save_every_minutes", 0) or 0)
+        self.add_callback(self.divergence_guard)
+        self.add_callback(self.preemption)
+
+    def _uses_fp16(self) -> bool:
+        if self.args.fp16:
+            return True
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return bool(config is not None and config.is_true("fp16.enabled"))
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---- loss and logging ----------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence_guard.observe_loss(loss)
+        return self.divergence_guard.loss_to_accumulate(loss)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.divergence_guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and "labels" in inputs:
@@ -59,8 +91,35 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            self.divergence_guard.correct_logged_loss(logs, self.state.global_step)
             logs["supervised_tokens"] = self.supervised_tokens_trained()
         super().log(logs, start_time)
+
+    # ---- totals over the whole run, across resumes ------------------------------------------------
+
+    def _load_callback_state(self) -> None:
+        """Called right after a resumed run loaded its trainer state: take the run's totals back."""
+        totals = self.state.stateful_callbacks.get(RUN_TOTALS) or {}
+        self.state.supervised_tokens = totals.get("supervised_tokens", 0)
+        self._loss_sum_before = totals.get("loss_sum", 0.0)
+        super()._load_callback_state()
+
+    def _store_run_totals(self) -> None:
+        self.supervised_tokens_trained()
+        pending_loss = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        self.state.stateful_callbacks[RUN_TOTALS] = {
+            "supervised_tokens": self.state.supervised_tokens,
+            "loss_sum": self._loss_sum_before + self._total_loss_scalar + pending_loss}
+
+    def train(self, *args, **kwargs):
+        """As Trainer.train, but train_loss covers every step of the run, not only this session's."""
+        result = super().train(*args, **kwargs)
+        if self.state.global_step:
+            whole = (self._loss_sum_before + self._total_loss_scalar) / self.state.global_step
+            result = result._replace(training_loss=whole, metrics={**result.metrics, "train_loss": whole})
+            if "train_loss" in self.state.log_history[-1]:
+                self.state.log_history[-1]["train_loss"] = whole
+        return result
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
 
@@ -101,10 +160,35 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
 
     # ---- saving and loading --------------------------------------------------------------------
 
+    def _check_finite_before_saving(self, path: str) -> None:
+        bad = first_non_finite_parameter(self._unwrapped())
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged at or before step {self.state.global_step}: the trained parameter {bad} holds "
+                f"NaN or inf values, so {path} was not saved. Likely cause: the learning rate is too high "
+                f"(--learning_rate {self.args.learning_rate}): lower it")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self._check_finite_before_saving(path)
+        self._store_run_totals()
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            raise write_failed(path, e) from e
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves what was trained (every checkpoint too), with the permissions the umask gives."""
+        """Saves what was trained (every checkpoint too), with the permissions the umask gives; never
+        non-finite weights (checkpoints are checked, and their write errors reported, in _save_checkpoint)."""
         output_dir = output_dir or self.args.output_dir
-        self._save_trained(output_dir, _internal_call)
+        if not _internal_call:
+            self._check_finite_before_saving(output_dir)
+        try:
+            self._save_trained(output_dir, _internal_call)
+        except (OSError, RuntimeError) as e:
+            if _internal_call:
+                raise
+            raise write_failed(output_dir, e) from e
         if self.args.should_save and os.path.isdir(output_dir):
             respect_umask(output_dir)
 
@@ -118,6 +202,21 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, training_args_file_name()))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint:
+            self._learning_rate_from_the_schedule()
+
+    def _learning_rate_from_the_schedule(self) -> None:
+        """On resume the optimizer's learning rate is the one the checkpoint's last step left; set the one
+        this run's schedule gives for the step, so a changed max_steps is applied from the first step."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            step = scheduler.last_epoch
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(step)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what gets logged
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model or self.model)

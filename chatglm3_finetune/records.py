@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .chat_format import NEVER_SUPERVISED_ROLES, ROLES
 
@@ -28,12 +29,49 @@ def read_records(path: str) -> list[tuple[str, object]]:
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
     records = _read_json_list(path, text) if _looks_like_json_list(path, text) else _read_json_lines(path, text)
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
+
+
+def _decode(path: str, data: bytes) -> str:
+    """The file's text as UTF-8 (a UTF-8 byte-order mark is allowed); anything else is a DataError."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}:1: the file is UTF-16 text; save it as UTF-8")
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise DataError(f"{path}:{line}: a NUL byte: this is a binary file, not JSON text (UTF-8 expected)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 (is the file latin-1 or another "
+                        f"encoding?); save it as UTF-8") from None
+
+
+def _parse_json(where: str, text: str, line: int = 1):
+    """json.loads with every failure as one DataError naming `where` (file:line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}:{line + e.lineno - 1}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}:{line}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise DataError(f"{where}:{line}: unreadable JSON value: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}:{line}: a lone UTF-16 surrogate escape (\\ud800-\\udfff) that is not "
+                            f"part of a pair: this is not valid text") from None
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def _looks_like_json_list(path: str, text: str) -> bool:
@@ -46,15 +84,12 @@ def _is_json_lines(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
 
 
 def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    data = _parse_json(path, text)
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type(data)}")
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
@@ -65,10 +100,7 @@ def _read_json_lines(path: str, text: str) -> list[tuple[str, object]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        records.append((f"{path}:{number}", _parse_json(path, line, number)))
     return records
 
 

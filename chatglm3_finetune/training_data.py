@@ -3,10 +3,12 @@ counted, records packed into rows when asked."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 from .data_formats import FIXED_RECORD_FORMAT, load_data, record_format_of, settle_record_format
@@ -70,25 +72,72 @@ class RecordEncoder:
         return {key: [row[key] for row in rows] for key in rows[0]}
 
 
+# Raise when the layout of the cached columns changes: older caches are then simply not found.
+CACHE_FORMAT_VERSION = 2
+
+
 def _cache_key(tokenizer, records_json: list[str], train_format: str, limits: LengthLimits) -> str:
+    """Everything that decides the tokens: format version, tokenizer files and code, options, data."""
     digest = hashlib.sha256()
-    with open(tokenizer.vocab_file, "rb") as f:
-        digest.update(f.read())
-    digest.update(repr((train_format, limits, _code_fingerprint())).encode())
+    tokenizer_folder = os.path.dirname(os.path.abspath(tokenizer.vocab_file))
+    for path in (tokenizer.vocab_file, os.path.join(tokenizer_folder, "tokenizer_config.json")):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    digest.update(repr((CACHE_FORMAT_VERSION, train_format, limits, _code_fingerprint(tokenizer))).encode())
     for record in records_json:
         digest.update(record.encode("utf-8"))
     return digest.hexdigest()[:24]
 
 
-def _code_fingerprint() -> str:
+def _code_fingerprint(tokenizer) -> str:
     """The source of every module that decides the tokens: a change in any of them re-tokenizes."""
-    from . import chat_format, encoding, records, tokenizer
+    import sys
 
+    from . import chat_format, encoding, records
+
+    modules = (chat_format, encoding, records, sys.modules[__name__], sys.modules[type(tokenizer).__module__])
     digest = hashlib.sha256()
-    for module in (chat_format, encoding, records, tokenizer):
+    for module in modules:
         with open(module.__file__, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
+
+
+def _load_cached(cache_path: str):
+    """The cached dataset, or None (with a warning) when the folder is incomplete or unreadable."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(cache_path)
+    except Exception as e:  # any damage (missing files, truncated arrow) means: rebuild
+        logger.warning("The tokenized-data cache %s is incomplete or unreadable (%s: %s); rebuilding it",
+                       cache_path, type(e).__name__, e)
+        shutil.rmtree(cache_path, ignore_errors=True)
+        return None
+
+
+def _save_cached(dataset, cache_path: str) -> None:
+    """Written aside, then renamed into place: a kill leaves no cache, never a partial one."""
+    for stale in glob.glob(glob.escape(cache_path) + ".partial-*"):  # left by a killed run
+        if not _process_alive(int(stale.rsplit("-", 1)[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    aside = f"{cache_path}.partial-{os.getpid()}"
+    dataset.save_to_disk(aside)
+    try:
+        os.replace(aside, cache_path)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tokenize_records(tokenizer, records: list[tuple[str, dict]], train_format: str, limits: LengthLimits,
@@ -97,25 +146,26 @@ def tokenize_records(tokenizer, records: list[tuple[str, dict]], train_format: s
     """Validated records -> a `datasets.Dataset` of input_ids/labels, plus a TruncationReport.
 
     Tokenization runs with `num_proc` workers and is cached under `cache_dir` (keyed by the data,
-    the tokenizer, the format, the caps and this file's code); `overwrite_cache` recomputes it.
+    the tokenizer, the format, the caps and the code that decides tokens); `overwrite_cache`
+    recomputes it.
     """
     import datasets
 
     records_json = [json.dumps(record, ensure_ascii=False) for _, record in records]
-    cache_path = None
-    if cache_dir:
-        cache_path = os.path.join(cache_dir, "tokenized-" + _cache_key(tokenizer, records_json, train_format, limits))
+    key = _cache_key(tokenizer, records_json, train_format, limits)
+    cache_path = os.path.join(cache_dir, "tokenized-" + key) if cache_dir else None
+    dataset = None
     if cache_path and os.path.isdir(cache_path) and not overwrite_cache:
         logger.info("Loading tokenized data from cache %s", cache_path)
-        dataset = datasets.load_from_disk(cache_path)
-    else:
+        dataset = _load_cached(cache_path)
+    if dataset is None:
         raw = datasets.Dataset.from_dict({"record": records_json})
         num_proc = num_proc if num_proc and num_proc > 1 and len(records_json) >= 2 * num_proc else None
         dataset = raw.map(RecordEncoder(tokenizer, train_format, limits), batched=True, batch_size=256,
                           num_proc=num_proc, remove_columns=["record"], desc="Tokenizing",
-                          new_fingerprint=_cache_key(tokenizer, records_json, train_format, limits)[:16])
+                          new_fingerprint=key[:16])
         if cache_path:
-            dataset.save_to_disk(cache_path)
+            _save_cached(dataset, cache_path)
     report = _truncation_report(dataset)
     if report.lost_targets and truncation_policy == "error":
         first = dataset["lost_targets"].index(True)

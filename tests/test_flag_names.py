@@ -46,11 +46,11 @@ def program_flags(name: str) -> set[str]:
 
 
 def finetune_flags():
-    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+    from transformers import HfArgumentParser
 
-    from arguments import DataArguments, ModelArguments
+    from arguments import DataArguments, ModelArguments, TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     return {option[2:] for option in parser._option_string_actions if option.startswith("--")}
 
 
@@ -58,7 +58,8 @@ PACKAGE = ROOT / "chatglm3_finetune"
 PROGRAMS = {
     # finetune.py and what only it runs (model_loading's remote-code hint names the converter's flags)
     "finetune": ([ROOT / "finetune.py", ROOT / "arguments.py", ROOT / "trainer.py", PACKAGE / "training_data.py",
-                  PACKAGE / "model_loading.py"], lambda: finetune_flags() | program_flags("convert")),
+                  PACKAGE / "model_loading.py", PACKAGE / "divergence.py", PACKAGE / "preemption.py",
+                  PACKAGE / "run_record.py", PACKAGE / "output_folder.py"], lambda: finetune_flags() | program_flags("convert")),
     # the summary's last line is an inference.py command
     "run summary": ([PACKAGE / "run_summary.py"], lambda: finetune_flags() | program_flags("inference")),
     # the data modules that finetune.py and the preview share: flags both spell the same way

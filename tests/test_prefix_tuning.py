@@ -514,6 +514,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_zero3_trains_generates_and_saves_the_prefix(tmp_path):
     pytest.importorskip("deepspeed")
     script = tmp_path / "zero3_prefix.py"
