@@ -14,7 +14,7 @@ from chatglm3_finetune.records import ALPACA, AUTO, INPUT_OUTPUT, MULTI_TURN, OP
 from chatglm3_finetune.tokenizer import load_tokenizer
 from chatglm3_finetune.training_data import length_limits, tokenize_records
 from preprocess_utils import preview
-from test_preprocess_utils import (
+from test_encoding import (
     ASSISTANT, EOS, GMASK, NEED_TOOL, NL, OBSERVATION, SOP, SUNNY, SYSTEM, SYSTEM_TEXT, TEMP_JSON, TOOL_CALL, USER,
     WEATHER_META, WEATHER_Q, X,
 )

@@ -1,4 +1,4 @@
-"""finetune.py's options, checked in-process before anything loads: options files, DeepSpeed
+"""arguments.py: finetune.py's options, checked in-process before anything loads: options files, DeepSpeed
 configs, length caps (against the model's context too), --val_size; each a one-line error, exit 2."""
 
 import json
