@@ -7,18 +7,25 @@ second with a message that says what to do.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from chatglm3_finetune.records import ALPACA, AUTO, MULTI_TURN, OPENAI, SHAREGPT, TRAIN_FORMATS
+from chatglm3_finetune.data_formats import FIXED_RECORD_FORMAT
+from chatglm3_finetune.encoding import TRUNCATION_POLICIES, length_cap_problem
+from chatglm3_finetune.records import TRAIN_FORMATS
+from chatglm3_finetune.splitting import SplitError, check_val_size
+from chatglm3_finetune.training_data import caps_to_check, length_limits, max_sequence_length
+from chatglm3_finetune.model_loading import DTYPES
 
-from chatglm3_finetune.encoding import TRUNCATION_POLICIES
 from chatglm3_finetune.supervised_loss import DEFAULT_CHUNK_SIZE
-
-TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
+TORCH_DTYPES = ("auto", *DTYPES)
 PACKING_ATTENTION = (None, "sdpa", "packed_sdpa", "flash_attention_2")
 
 
@@ -95,6 +102,13 @@ class DataArguments:
     preprocessing_cache_dir: str | None = field(default=None, metadata={
         "help": "where tokenized data is cached (default: ~/.cache/chatglm3_finetune)"})
     overwrite_cache: bool = field(default=False, metadata={"help": "re-tokenize even when a cached copy exists"})
+    val_size: float | None = field(default=None, metadata={
+        "help": "hold out part of --train_file for evaluation: a count (e.g. 200) or a fraction in (0, 1) "
+                "(e.g. 0.05), drawn with --seed; --do_eval then evaluates on it (instead of --validation_file)"})
+    allow_longer_than_model: bool = field(default=False, metadata={
+        "help": "accept length caps beyond the model's max_position_embeddings (positions it never saw)"})
+    full_sanity_check: bool = field(default=False, metadata={
+        "help": "print every token of the sanity check (by default a long record shows its start and end)"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "use only the first N test records"})
@@ -112,8 +126,17 @@ TOKEN_COUNTING_VALUES = {"true": "all", "false": "no", "all": "all", "non_paddin
 
 @dataclass
 class TrainingArguments(Seq2SeqTrainingArguments):
-    """transformers' options, with token counting on by default and its values accepted on the command line."""
+    """Seq2SeqTrainingArguments plus what keeps a run safe (README: "When things go wrong"), and token
+    counting on by default with its values accepted on the command line (README: "6. Performance")."""
 
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start over: remove the previous run's checkpoints and records from --output_dir instead of "
+                "resuming from them"})
+    nan_patience: int = field(default=0, metadata={
+        "help": "skip up to N optimizer steps in a row with a non-finite loss or gradient norm before stopping "
+                "as diverged (default 0: stop at the first; not with DeepSpeed or fp16)"})
+    save_every_minutes: float = field(default=0, metadata={
+        "help": "also save a checkpoint when this many minutes passed since the last one (0: off)"})
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={
         "help": "num_input_tokens_seen (and train_tokens_per_second) counts: non_padding (default: real tokens "
                 "in every batch layout, packed rows included; never the P-Tuning prefix), all (every position, "
@@ -129,14 +152,110 @@ class TrainingArguments(Seq2SeqTrainingArguments):
 
 
 def parse_args(argv: list[str] | None = None):
-    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file."""
+    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file.
+
+    Raises OptionError for a missing or broken options file, an unknown key (with the closest valid
+    option), a broken --deepspeed config and values the option classes reject.
+    """
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = argv[0]
+        options = read_options_file(path)
+        check_option_names(options, option_names(parser), path)
+        options = numbers_from_text(options, parser, path)
+        check_deepspeed_config(options.get("deepspeed"))
+        return _build(lambda: parser.parse_dict(options), f"{path}: ")
+    namespace, _ = parser.parse_known_args(args=argv)
+    check_deepspeed_config(getattr(namespace, "deepspeed", None))
+    return _build(lambda: parser.parse_args_into_dataclasses(args=argv), "")
+
+
+def _build(parse, where: str):
+    # The option classes check their own values in __post_init__ (TrainingArguments raises
+    # ValueError for inconsistent flags): a user mistake, reported without a traceback.
+    try:
+        return parse()
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"{where}{e}") from None
+
+
+def option_names(parser: HfArgumentParser) -> list[str]:
+    return [f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init]
+
+
+def read_options_file(path: str) -> dict:
+    """The options in a .json or .yaml file; OptionError naming file:line:column for a syntax error."""
+    data = read_json_or_yaml(path, "options file")
+    if not isinstance(data, dict):
+        raise OptionError(f"{path}: an options file must hold one mapping of option names to values "
+                          f"(e.g. {{\"output_dir\": \"output/run\"}}), found {type(data).__name__}")
+    return data
+
+
+def read_json_or_yaml(path: str, what: str):
+    """JSON (a .json file) or YAML; OptionError saying `what` is missing, or where its syntax breaks."""
+    text = _read_file(path, what)
+    if path.endswith(".json"):
+        return _parse_json(text, path, what)
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise OptionError(f"{where}: invalid YAML in the {what}: {getattr(e, 'problem', None) or e}") from None
+
+
+def _read_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise OptionError(f"{path}: {what} missing (no such file)")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _parse_json(text: str, path: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OptionError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the {what}: {e.msg}") from None
+
+
+def check_option_names(options: dict, valid: list[str], path: str) -> None:
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (python finetune.py --help lists them)"
+            raise OptionError(f"{path}: unknown option {key!r}{hint}")
+
+
+def numbers_from_text(options: dict, parser: HfArgumentParser, path: str) -> dict:
+    """Numbers the file holds as text, as numbers: YAML reads `2e-2` (no dot) as a string, and the
+    option classes do not convert it (the optimizer would fail on it much later)."""
+    converted = dict(options)
+    for key, value in options.items():
+        action = parser._option_string_actions.get(f"--{key}")
+        if isinstance(value, str) and action is not None and action.type in (int, float):
+            try:
+                converted[key] = action.type(value)
+            except ValueError:
+                raise OptionError(f"{path}: {key}: {value!r} is not {'an integer' if action.type is int else 'a number'}"
+                                  ) from None
+    return converted
+
+
+def check_deepspeed_config(value) -> None:
+    """A --deepspeed file must exist and hold a JSON object (checked here: the training options
+    read it while they are built, and would fail with a traceback)."""
+    if not isinstance(value, str) or not value:
+        return
+    if value.lstrip().startswith("{"):  # an inline JSON config
+        config = _parse_json(value, "--deepspeed", "inline DeepSpeed config")
+    else:
+        config = _parse_json(_read_file(value, "--deepspeed config"), value, "--deepspeed config")
+    if not isinstance(config, dict):
+        raise OptionError(f"--deepspeed {value}: a DeepSpeed config is a JSON object, found {type(config).__name__}")
 
 
 def check_options(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
@@ -145,8 +264,10 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError(f"--train_format {data_args.train_format!r} is not one of {', '.join(TRAIN_FORMATS)}")
     if training_args.do_train and not data_args.train_file:
         raise OptionError("--do_train needs --train_file")
-    if training_args.do_eval and not data_args.validation_file:
-        raise OptionError("--do_eval needs --validation_file")
+    if data_args.val_size is not None:
+        _check_val_size(data_args)
+    elif training_args.do_eval and not data_args.validation_file:
+        raise OptionError("--do_eval needs --validation_file, or --val_size to hold out part of --train_file")
     if training_args.do_predict and not data_args.test_file:
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
@@ -180,23 +301,68 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError(f"--packing_row_length must be at least 3 tokens, got {data_args.packing_row_length}")
     if data_args.loss_chunk_size < 1:
         raise OptionError(f"--loss_chunk_size must be a positive number of positions, got {data_args.loss_chunk_size}")
-    limits = (data_args.max_seq_length,) if data_args.train_format in (MULTI_TURN, OPENAI, SHAREGPT) else (
-        data_args.max_source_length, data_args.max_target_length)
-    if data_args.train_format in (ALPACA, AUTO):  # the data decides which caps apply
-        limits = (data_args.max_seq_length, data_args.max_source_length, data_args.max_target_length)
-    if any(limit is not None and limit < 3 for limit in limits):
-        raise OptionError(f"length caps must be at least 3 tokens, got {limits}")
+    problem = length_cap_problem(caps_to_check(data_args))
+    if problem:
+        raise OptionError(problem)
+    if not data_args.allow_longer_than_model and data_args.train_format in FIXED_RECORD_FORMAT:
+        check_fits_model_context(model_args, data_args)
+    check_safety_options(training_args)
+
+
+def _check_val_size(data_args) -> None:
+    if data_args.validation_file:
+        raise OptionError(f"--val_size {data_args.val_size:g} and --validation_file {data_args.validation_file} "
+                          f"both name evaluation data: keep one")
+    if not data_args.train_file:
+        raise OptionError("--val_size holds out part of --train_file: give --train_file")
+    try:
+        check_val_size(data_args.val_size)
+    except SplitError as e:
+        raise OptionError(f"--val_size {e}") from None
+
+
+def check_fits_model_context(model_args, data_args) -> None:
+    """Caps beyond max_position_embeddings would train on positions the model never learned; call
+    it once the data's record format is known (--train_format auto/alpaca: after reading it)."""
+    config_file = os.path.join(model_args.model_name_or_path, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # loading the model reports what is wrong with the folder
+    context = config.get("max_position_embeddings") or config.get("seq_length")
+    limits, longest = length_limits(data_args), max_sequence_length(data_args)
+    if limits.max_seq_length:
+        named = f"--max_seq_length {longest}"
+    else:
+        named = (f"--max_source_length {limits.max_source_length} + --max_target_length "
+                 f"{limits.max_target_length} + 1 (the eos) = {longest} tokens")
+    if isinstance(context, int) and longest > context:
+        raise OptionError(f"{named} is longer than the model's context, max_position_embeddings {context} "
+                          f"({config_file}): lower the cap, or pass --allow_longer_than_model to train beyond it")
+
+
+def check_safety_options(training_args) -> None:
+    if not math.isfinite(training_args.learning_rate) or training_args.learning_rate < 0:
+        raise OptionError(f"--learning_rate must be a finite number >= 0, got {training_args.learning_rate}")
+    if getattr(training_args, "nan_patience", 0) < 0:
+        raise OptionError(f"--nan_patience must be >= 0, got {training_args.nan_patience}")
+    if getattr(training_args, "nan_patience", 0) and (training_args.deepspeed or training_args.fp16):
+        raise OptionError("--nan_patience needs a run without DeepSpeed and fp16: there the step is taken (or "
+                          "skipped by loss scaling) before a bad batch can be dropped")
+    if getattr(training_args, "save_every_minutes", 0) < 0:
+        raise OptionError(f"--save_every_minutes must be >= 0, got {training_args.save_every_minutes}")
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:
-    from chatglm3_finetune.prefix_tuning import read_prefix_settings
+    from chatglm3_finetune.prefix_checkpoint import read_prefix_settings
 
     try:
         settings = read_prefix_settings(model_args.ptuning_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise OptionError(f"--ptuning_checkpoint {model_args.ptuning_checkpoint}: {e}") from None
-    if model_args.pre_seq_len is not None and model_args.pre_seq_len != settings["pre_seq_len"]:
+    if model_args.pre_seq_len is not None and model_args.pre_seq_len != settings.pre_seq_len:
         raise OptionError(
             f"--pre_seq_len {model_args.pre_seq_len} disagrees with the checkpoint {model_args.ptuning_checkpoint}, "
-            f"which was trained with pre_seq_len {settings['pre_seq_len']}: drop the flag (it is read from the checkpoint)"
+            f"which was trained with pre_seq_len {settings.pre_seq_len}: drop the flag (it is read from the checkpoint)"
         )

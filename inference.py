@@ -34,6 +34,7 @@ from chatglm3_finetune.chat_parsing import AssistantReply
 
 from chatglm3_finetune.chat_format import render_interpreter_code, render_tool_call
 from chatglm3_finetune.model_loading import ModelLoadError
+from chatglm3_finetune.private_api import UntestedVersionError
 from chatglm3_finetune.records import DataError
 from chatglm3_finetune.chat_format import Message, tools_system_prompt
 
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
         chat = load_chat_model(args.model, args.tokenizer, args.pt_checkpoint, args.pt_pre_seq_len, args.lora,
                                args.device, args.dtype, args.trust_remote_code)
-    except (DataError, ModelLoadError) as e:
+    except (DataError, ModelLoadError, UntestedVersionError) as e:
         return fail(str(e))
     options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                "temperature": args.temperature, "top_p": args.top_p}

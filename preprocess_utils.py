@@ -17,33 +17,33 @@ import sys
 from chatglm3_finetune.collation import DataCollatorForChatGLM  # noqa: F401
 from chatglm3_finetune.encoding import (  # noqa: F401
     IGNORE_INDEX, TRUNCATION_POLICIES, EncodedRecord, LengthLimits, encode_multi_turn, encode_prompt_response,
-    encode_record, print_sanity_check, sanity_check_lines,
+    encode_record, length_cap_problem, print_sanity_check, sanity_check_lines,
 )
 from chatglm3_finetune.records import (  # noqa: F401
     INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
 )
 from chatglm3_finetune.data_formats import load_data
 from chatglm3_finetune.tokenizer import load_tokenizer
-from chatglm3_finetune.training_data import TruncationReport, tokenize_records  # noqa: F401
+from chatglm3_finetune.training_data import (  # noqa: F401
+    TruncationReport, caps_text, tokenize_records, truncation_report,
+)
 
 
 def preview(tokenizer, path: str, train_format: str, limits: LengthLimits, index: int = 0,
-            split: str | None = None) -> list[str]:
+            split: str | None = None, full: bool = False) -> list[str]:
     """Validates the whole file; returns the sanity check of record `index`, the format the data was
-    read as and a summary line."""
+    read as, a summary line and a warning line for each thing the caps cut."""
     data = load_data(path, train_format, split)
     records = data.records
     if not 0 <= index < len(records):
         raise DataError(f"{path}: --index {index} is out of range (the file has {len(records)} records)")
     encoded = [encode_record(tokenizer, record, data.record_format, limits) for _, record in records]
-    report = TruncationReport(
-        records=len(encoded), tokens=sum(len(e.input_ids) for e in encoded),
-        targets=sum(e.as_dict()["num_targets"] for e in encoded),
-        truncated=sum(e.truncated for e in encoded), lost_targets=sum(e.lost_targets for e in encoded),
-        lost_stop=sum(e.lost_stop for e in encoded),
-    )
+    rows = [e.as_dict() for e in encoded]
+    report = truncation_report({key: [row[key] for row in rows] for key in rows[0]},
+                               [len(e.input_ids) for e in encoded])
     chosen = encoded[index]
-    return sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels) + [data.describe(), report.summary()]
+    return (sanity_check_lines(tokenizer, chosen.input_ids, chosen.labels, full) + [data.describe(), report.summary()]
+            + [f"warning: {line}" for line in report.warnings(caps_text(limits))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +54,24 @@ def main(argv: list[str] | None = None) -> int:
                                                       "folder saved with datasets' save_to_disk")
     parser.add_argument("--split", help="the split of a --data folder that holds several")
     parser.add_argument("--index", type=int, default=0, help="which record to show (default 0)")
-    parser.add_argument("--max_seq_length", type=int, default=None)
-    parser.add_argument("--max_source_length", type=int, default=None)
-    parser.add_argument("--max_target_length", type=int, default=None)
+    parser.add_argument("--max_seq_length", type=int, default=None, help="multi-turn: cap as in finetune.py")
+    parser.add_argument("--max_source_length", type=int, default=None, help="input-output: prompt cap")
+    parser.add_argument("--max_target_length", type=int, default=None, help="input-output: response cap")
+    parser.add_argument("--full_sanity_check", action="store_true",
+                        help="print every token (by default a long record shows its start and end)")
     args = parser.parse_args(argv)
+    limits = LengthLimits(args.max_seq_length, args.max_source_length, args.max_target_length)
+    problem = length_cap_problem(limits)
+    if problem:
+        parser.error(problem)
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        lines = preview(tokenizer, args.data, args.train_format,
-                        LengthLimits(args.max_seq_length, args.max_source_length, args.max_target_length),
-                        args.index, args.split)
-    except (DataError, FileNotFoundError) as e:
+        lines = preview(tokenizer, args.data, args.train_format, limits, args.index, args.split,
+                        args.full_sanity_check)
+    except FileNotFoundError as e:
+        print(f"error: --tokenizer: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))

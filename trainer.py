@@ -1,6 +1,8 @@
 """The Trainer subclass: saves only what was trained (the P-Tuning prefix, LoRA adapters) or the
-whole model for full fine-tuning, counts real and supervised tokens without a host sync per batch, writes run_config.json and a loss
-curve, and finds the checkpoint to resume from.
+whole model for full fine-tuning (never non-finite weights), counts real and supervised tokens on the
+device (read at log and save time), keeps run totals
+across resumes, runs the divergence guard and the stop-and-save handler, writes run_config.json and
+a loss curve, and finds the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -14,50 +16,85 @@ import re
 
 import torch
 from transformers import Seq2SeqTrainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import nested_gather
 
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.checkpoint_folders import holds_weights
+from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
+from chatglm3_finetune.file_modes import respect_umask
+from chatglm3_finetune.output_folder import write_failed
+from chatglm3_finetune.preemption import PreemptionSaver
+from chatglm3_finetune.prefix_model import PrefixTuningModel
+from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
+                                           trainer_generation_kwargs, trainer_prepare_inputs,
+                                           training_args_file_name)
 from chatglm3_finetune.token_counts import input_tokens, supervised_tokens
 
 logger = logging.getLogger(__name__)
 
-TOKEN_COUNTS_KEY = "TokenCounts"  # its entry in TrainerState.stateful_callbacks
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "prefix_encoder.safetensors", "adapter_model.safetensors",
-                "adapter_model.bin")
 
 
-class ChatGLMTrainer(Seq2SeqTrainer):
+RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: totals that survive resumes
+
+
+class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint", "_get_grad_norm", "_save_checkpoint",
+                                          "_load_callback_state", "_load_optimizer_and_scheduler",
+                                          "_track_num_input_tokens")):
+    """The loss contract: models declare `accepts_loss_kwargs` (supervised_loss.SupervisedLossSwitch)
+    and every model kind's targets are counted with the causal label shift, here and in the
+    Trainer's `num_items_in_batch` (`count_targets`)."""
+
     def __init__(self, *args, max_new_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        declare_causal_label_shift(self)
         self._pending_token_counts = None  # device tensor [input tokens, supervised tokens] since the last read
         self._supervised_at_start = None
+        self._loss_sum_before = 0.0  # the summed step losses of the sessions before a resume
         self.max_new_tokens = max_new_tokens  # generation length for --predict_with_generate
+        self.args.logging_nan_inf_filter = False  # it logs 0 for a NaN; the guard stops such runs instead
+        self.divergence_guard = DivergenceGuard(patience=getattr(self.args, "nan_patience", 0),
+                                                fp16=self._uses_fp16(), deepspeed=self.is_deepspeed_enabled)
+        self.preemption = PreemptionSaver(getattr(self.args, "save_every_minutes", 0) or 0)
+        self.add_callback(self.divergence_guard)
+        self.add_callback(self.preemption)
+
+    def _uses_fp16(self) -> bool:
+        if self.args.fp16:
+            return True
+        config = getattr(self.args, "hf_deepspeed_config", None)
+        return bool(config is not None and config.is_true("fp16.enabled"))
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # ---- loss and logging ----------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence_guard.observe_loss(loss)
+        return self.divergence_guard.loss_to_accumulate(loss)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.divergence_guard.observe_grad_norm(grad_norm)
+        return grad_norm
 
     # ---- token accounting (chatglm3_finetune.token_counts) -------------------------------------
 
     def _track_num_input_tokens(self, inputs):
         """Every training micro-batch: input tokens (real ones unless --include_num_input_tokens_seen all)
-        and supervised tokens, added up on the device; `_read_token_counts` brings them to the host."""
+        and supervised tokens, added up on the device: no host synchronisation per micro-batch."""
         if "labels" not in inputs:
             return
         if self._supervised_at_start is None:
-            self._supervised_at_start = self.supervised_tokens_seen
+            self._supervised_at_start = getattr(self.state, "supervised_tokens", 0)
         counts = torch.stack([input_tokens(inputs, self.args.include_num_input_tokens_seen),
                               supervised_tokens(inputs)]).to(self.args.device)
         self._pending_token_counts = counts if self._pending_token_counts is None else self._pending_token_counts + counts
 
-    @property
-    def supervised_tokens_seen(self) -> int:
-        # Kept in trainer_state.json (a TrainerState field would not be saved), so a resume continues it.
-        return self.state.stateful_callbacks.get(TOKEN_COUNTS_KEY, {}).get("supervised_tokens", 0)
-
-    def _read_token_counts(self) -> None:
-        """Sums the pending counts over all ranks into the state (every rank calls this, at log and save time)."""
+    def supervised_tokens_trained(self) -> int:
+        """Supervised tokens trained so far, summed over all processes; also moves the pending input-token
+        count into num_input_tokens_seen (every rank must call it: at each log and save)."""
         pending = self._pending_token_counts
         if pending is None:
             pending = torch.zeros(2, dtype=torch.long, device=self.args.device)
@@ -65,22 +102,12 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         self._pending_token_counts = None
         if self.args.include_num_input_tokens_seen != "no":
             self.state.num_input_tokens_seen += input_count
-        self.state.stateful_callbacks[TOKEN_COUNTS_KEY] = {"supervised_tokens": self.supervised_tokens_seen + supervised_count}
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self._read_token_counts()
-        if "loss" in logs or "train_runtime" in logs:
-            logs["supervised_tokens"] = self.supervised_tokens_seen
-        super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        self._read_token_counts()
-        super()._save_checkpoint(model, trial)
+        self.state.supervised_tokens = getattr(self.state, "supervised_tokens", 0) + supervised_count
+        return self.state.supervised_tokens
 
     def token_metrics(self, runtime_s: float) -> dict:
         """Final summary: tokens trained in all (resumed runs included) and per second in this run."""
-        self._read_token_counts()
-        supervised = self.supervised_tokens_seen
+        supervised = self.supervised_tokens_trained()
         metrics = {"train_supervised_tokens": supervised,
                    "train_supervised_tokens_per_second": round((supervised - (self._supervised_at_start or 0)) / runtime_s, 3)}
         if self.args.include_num_input_tokens_seen != "no":
@@ -88,6 +115,39 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             metrics.update(train_num_input_tokens_seen=seen,
                            train_tokens_per_second=round((seen - self._initial_num_input_tokens_seen) / runtime_s, 3))
         return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        supervised = self.supervised_tokens_trained()  # before super().log reads num_input_tokens_seen
+        if "loss" in logs:
+            self.divergence_guard.correct_logged_loss(logs, self.state.global_step)
+            logs["supervised_tokens"] = supervised
+        super().log(logs, start_time)
+
+    # ---- totals over the whole run, across resumes ------------------------------------------------
+
+    def _load_callback_state(self) -> None:
+        """Called right after a resumed run loaded its trainer state: take the run's totals back."""
+        totals = self.state.stateful_callbacks.get(RUN_TOTALS) or {}
+        self.state.supervised_tokens = totals.get("supervised_tokens", 0)
+        self._loss_sum_before = totals.get("loss_sum", 0.0)
+        super()._load_callback_state()
+
+    def _store_run_totals(self) -> None:
+        self.supervised_tokens_trained()
+        pending_loss = nested_gather(self._tr_loss.detach(), self.args.parallel_mode).mean().item()
+        self.state.stateful_callbacks[RUN_TOTALS] = {
+            "supervised_tokens": self.state.supervised_tokens,
+            "loss_sum": self._loss_sum_before + self._total_loss_scalar + pending_loss}
+
+    def train(self, *args, **kwargs):
+        """As Trainer.train, but train_loss covers every step of the run, not only this session's."""
+        result = super().train(*args, **kwargs)
+        if self.state.global_step:
+            whole = (self._loss_sum_before + self._total_loss_scalar) / self.state.global_step
+            result = result._replace(training_loss=whole, metrics={**result.metrics, "train_loss": whole})
+            if "train_loss" in self.state.log_history[-1]:
+                self.state.log_history[-1]["train_loss"] = whole
+        return result
 
     # ---- generation-based evaluation (--predict_with_generate; the logic is in evaluation.py) -----
 
@@ -105,7 +165,7 @@ class ChatGLMTrainer(Seq2SeqTrainer):
         if not self.args.predict_with_generate:
             yield
             return
-        from chatglm3_finetune.evaluation import GenerationCollator
+        from chatglm3_finetune.collation import GenerationCollator
 
         training_collator, self.data_collator = self.data_collator, GenerationCollator(self.processing_class.pad_token_id)
         try:
@@ -118,8 +178,8 @@ class ChatGLMTrainer(Seq2SeqTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         from chatglm3_finetune.evaluation import generate_new_tokens
 
-        inputs = self._prepare_inputs(inputs)
-        options = {**getattr(self, "_gen_kwargs", {}), **gen_kwargs}
+        inputs = trainer_prepare_inputs(self, inputs)
+        options = {**trainer_generation_kwargs(self), **gen_kwargs}
         if options.get("max_new_tokens") is None and options.get("max_length") is None:
             options["max_new_tokens"] = self.max_new_tokens
         # self.model, not the DeepSpeed engine: generate() lives on the module (ZeRO-3 hooks gather weights)
@@ -128,17 +188,63 @@ class ChatGLMTrainer(Seq2SeqTrainer):
 
     # ---- saving and loading --------------------------------------------------------------------
 
+    def _check_finite_before_saving(self, path: str) -> None:
+        bad = first_non_finite_parameter(self._unwrapped())
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged at or before step {self.state.global_step}: the trained parameter {bad} holds "
+                f"NaN or inf values, so {path} was not saved. Likely cause: the learning rate is too high "
+                f"(--learning_rate {self.args.learning_rate}): lower it")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self._check_finite_before_saving(path)
+        self._store_run_totals()
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            raise write_failed(path, e) from e
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves what was trained (every checkpoint too), with the permissions the umask gives; never
+        non-finite weights (checkpoints are checked, and their write errors reported, in _save_checkpoint)."""
+        output_dir = output_dir or self.args.output_dir
+        if not _internal_call:
+            self._check_finite_before_saving(output_dir)
+        try:
+            self._save_trained(output_dir, _internal_call)
+        except (OSError, RuntimeError) as e:
+            if _internal_call:
+                raise
+            raise write_failed(output_dir, e) from e
+        if self.args.should_save and os.path.isdir(output_dir):
+            respect_umask(output_dir)
+
+    def _save_trained(self, output_dir: str, _internal_call: bool) -> None:
         model = self._unwrapped()
         if not isinstance(model, PrefixTuningModel):
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         # Every rank calls this: under ZeRO-3 the prefix is gathered (only the prefix, not the base).
         model.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            torch.save(self.args, os.path.join(output_dir, training_args_file_name()))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint:
+            self._learning_rate_from_the_schedule()
+
+    def _learning_rate_from_the_schedule(self) -> None:
+        """On resume the optimizer's learning rate is the one the checkpoint's last step left; set the one
+        this run's schedule gives for the step, so a changed max_steps is applied from the first step."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            step = scheduler.last_epoch
+            for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(step)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what gets logged
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = self.accelerator.unwrap_model(model or self.model)
@@ -159,8 +265,7 @@ def is_complete_checkpoint(path: str) -> bool:
             json.load(f)
     except (OSError, ValueError):
         return False
-    names = os.listdir(path)
-    return any(name in WEIGHT_FILES for name in names) or any(name.startswith("global_step") for name in names)
+    return holds_weights(path)
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:

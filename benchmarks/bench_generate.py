@@ -40,7 +40,7 @@ QUESTIONS = [
 def load_models(args):
     from transformers import GlmForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     folder = args.model
     if folder is None:

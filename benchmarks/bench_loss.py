@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from chatglm3_finetune.encoding import IGNORE_INDEX  # noqa: E402
 from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss  # noqa: E402
 from chatglm3_finetune.tiny_model import tiny_glm_config  # noqa: E402
 
@@ -45,7 +46,7 @@ def build(args):
     # Chat-like rows: each 256-token turn is 80% prompt (not a target), 20% answer.
     labels = input_ids.clone()
     turn = torch.arange(args.seq, device=args.device) % 256
-    labels[:, turn < round(256 * (1 - args.supervised))] = -100
+    labels[:, turn < round(256 * (1 - args.supervised))] = IGNORE_INDEX
     return model, input_ids, labels
 
 

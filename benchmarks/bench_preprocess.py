@@ -24,7 +24,8 @@ SHARED = ROOT.parent / "shared" / "data"
 from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.advertise_gen import convert_advertise_gen  # noqa: E402
 from chatglm3_finetune.tool_alpaca import convert_tool_alpaca  # noqa: E402
-from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN, read_records, validate_records
+from chatglm3_finetune.data_formats import load_data
+from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN
 from chatglm3_finetune.encoding import LengthLimits
 from chatglm3_finetune.training_data import tokenize_records
 
@@ -46,8 +47,7 @@ def formatted_files(tmp: Path) -> dict:
 
 def measure(tokenizer, path: Path, train_format: str, limits: LengthLimits, workers: int) -> tuple[float, int, int]:
     start = time.perf_counter()
-    records = read_records(str(path))
-    validate_records(records, train_format)
+    records = load_data(str(path), train_format).records
     _, report = tokenize_records(tokenizer, records, train_format, limits, num_proc=workers)
     return time.perf_counter() - start, report.records, report.tokens
 

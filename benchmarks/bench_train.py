@@ -530,7 +530,8 @@ def run_mode(spec: dict) -> dict:
     from chatglm3_finetune.collation import build_collator
     from chatglm3_finetune.model_loading import load_for_training
     from chatglm3_finetune.packed_attention import packing_attention
-    from chatglm3_finetune.packing import PackedCollator, pack_features
+    from chatglm3_finetune.collation import PackedCollator
+    from chatglm3_finetune.packing import pack_features
     from chatglm3_finetune.supervised_loss import use_supervised_loss
     from chatglm3_finetune.training_data import load_split, max_sequence_length, pack_dataset
     from finetune import setup_logging
@@ -558,7 +559,7 @@ def run_mode(spec: dict) -> dict:
         collator = build_collator(tokenizer, data_args)
     model = load_for_training(model_args, training_args)
     if data_args.loss_on_targets_only:
-        use_supervised_loss(model, data_args.loss_chunk_size)
+        use_supervised_loss(model, chunk_size=data_args.loss_chunk_size)
     collator = BatchRecorder(collator)
     cuda = training_args.device.type == "cuda"
     timer = step_timer(cuda)

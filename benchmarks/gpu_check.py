@@ -152,7 +152,7 @@ def prepare(case: str, dry: bool):
         return step, model, method
     base = build_model(shape, attention, dtype, device)
     if method == "ptuning":
-        from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+        from chatglm3_finetune.prefix_model import PrefixTuningModel
 
         model = PrefixTuningModel(base, 4 if dry else PRE_SEQ_LEN)
         lr = 2e-2
@@ -183,7 +183,8 @@ def prepare(case: str, dry: bool):
 def run_case(case: str, dry: bool, warmup: int, steps: int) -> dict:
     import torch
 
-    from chatglm3_finetune.packing import PackedCollator, pack_features
+    from chatglm3_finetune.collation import PackedCollator
+    from chatglm3_finetune.packing import pack_features
 
     bench = bench_train()
     _, method, packed, _ = CASES[case]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Iterable
 
-from .records import write_jsonl
+from .splitting import add_split_options, parse_split_or_exit, write_converted
 
 FIELDS = {"content": "prompt", "summary": "response"}
 
@@ -56,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", required=True, help="AdvertiseGen file: one JSON object per line")
     parser.add_argument("--output", default="formatted_data/advertise_gen.jsonl")
+    add_split_options(parser, "formatted_data/advertise_gen.jsonl")
     args = parser.parse_args(argv)
+    if args.split:
+        parse_split_or_exit(parser, args.split)
     try:
         with open(args.path, encoding="utf-8") as f:
             rows = convert_advertise_gen(f, source=args.path)
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except AdvertiseGenError as error:
         print(f"error: {error}. Fix or remove that line and run again.", file=sys.stderr)
         return 1
-    write_jsonl(rows, args.output)
-    print(f"{args.path}: {len(rows)} records -> {args.output}")
+    for line in write_converted(parser, args, rows):
+        print(f"{args.path}: {line}")
     return 0
 
 

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .chat_engine import ChatModel, ReplyText, left_pad
-from .prefix_tuning import real_token_positions
+from .chat_engine import ChatModel, ReplyText
+from .collation import left_pad
+from .prefix_model import real_token_positions
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ Records in the data format become messages with
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -37,6 +36,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .chat_parsing import AssistantReply, ToolCall, parse_assistant_reply
+from .checkpoint_folders import LORA, PTUNING, adapter_base_model, folder_kind, is_lora_adapter
+from .collation import left_pad
 from .model_loading import ModelLoadError, load_base_model, peft_deprecations_silenced, resolve_dtype
 from .chat_format import Message, build_chat_input
 
@@ -105,7 +106,7 @@ class ChatModel:
 
     @property
     def is_prefix_tuned(self) -> bool:
-        from .prefix_tuning import PrefixTuningModel
+        from .prefix_model import PrefixTuningModel
 
         return isinstance(self.model, PrefixTuningModel)
 
@@ -208,19 +209,6 @@ def split_reply(token_ids: list[int], text: str, assistant_id: int, decode) -> l
     cuts = [0] + [len(decode(token_ids[:i])) for i, token in enumerate(token_ids) if token == assistant_id]
     cuts = [cut for cut in cuts if cut <= len(text)]
     return [text[start:end] for start, end in zip(cuts, cuts[1:] + [len(text)])]
-
-
-def left_pad(rows: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with every row right-aligned, padding on the left."""
-    if any(len(row) == 0 for row in rows):
-        raise ValueError("an empty prompt cannot be generated from")
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def cut_at_stop_token(ids: list[int], stop_token_ids: list[int]) -> tuple[list[int], str | None]:
@@ -480,7 +468,8 @@ def load_chat_model(model: str | None, tokenizer: str | None = None, pt_checkpoi
                              f"model's folder") from None
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, frozen_base=True, use_cpu=device == "cpu")
-    base = load_base_model(model, torch_dtype, trust_remote_code, device_map=device if device != "cpu" else None)
+    base = load_base_model(model, torch_dtype, trust_remote_code, device_map=device if device != "cpu" else None,
+                           remote_code_flag="--trust-remote-code")
     if pt_checkpoint:
         loaded = _with_prefix(base, pt_checkpoint, pt_pre_seq_len)
     elif lora:
@@ -505,38 +494,19 @@ def _resolve_adapter_given_as_model(model: str | None, pt_checkpoint: str | None
     if found is None:
         return model, pt_checkpoint, lora
     kind, base = found
-    slot_free = pt_checkpoint is None if kind == "pt" else lora is None
+    slot_free = pt_checkpoint is None if kind == PTUNING else lora is None
     if slot_free and base and os.path.isdir(base):
-        logger.info("%s is a %s checkpoint of %s", model, "P-Tuning" if kind == "pt" else "LoRA", base)
-        return (base, model, lora) if kind == "pt" else (base, pt_checkpoint, model)
-    flag, what = ("--pt-checkpoint", "a P-Tuning checkpoint") if kind == "pt" else ("--lora", "a LoRA adapter")
+        logger.info("%s is a %s checkpoint of %s", model, "P-Tuning" if kind == PTUNING else "LoRA", base)
+        return (base, model, lora) if kind == PTUNING else (base, pt_checkpoint, model)
+    flag, what = ("--pt-checkpoint", "a P-Tuning checkpoint") if kind == PTUNING else ("--lora", "a LoRA adapter")
     raise ModelLoadError(f"{model} is {what}, not a model: pass it as {flag} {model} and the base model "
                          f"as --model BASE")
 
 
 def _adapter_checkpoint(folder: str) -> tuple[str, str | None] | None:
-    """("pt" or "lora", the base model it names) for a prefix or adapter folder, None for a model."""
-    from .prefix_tuning import read_prefix_settings
-
-    if os.path.isfile(os.path.join(folder, "prefix_config.json")) or _is_prefix_config(folder):
-        try:
-            return "pt", read_prefix_settings(folder).get("base_model_name_or_path")
-        except (OSError, ValueError):
-            return "pt", None
-    adapter_config = os.path.join(folder, "adapter_config.json")
-    if os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(folder, "config.json")):
-        with open(adapter_config, encoding="utf-8") as f:
-            return "lora", json.load(f).get("base_model_name_or_path")
-    return None
-
-
-def _is_prefix_config(folder: str) -> bool:
-    """An original-format P-Tuning folder: its config.json has pre_seq_len."""
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get("pre_seq_len"))
-    except (OSError, ValueError):
-        return False
+    """(PTUNING or LORA, the base model it names) for a prefix or adapter folder, None for a model."""
+    kind = folder_kind(folder)
+    return (kind, adapter_base_model(folder)) if kind in (PTUNING, LORA) else None
 
 
 def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
@@ -547,7 +517,7 @@ def _first_tokenizer_folder(folders: list[str | None]) -> str | None:
 
 
 def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
-    from .prefix_tuning import PrefixTuningModel
+    from .prefix_model import PrefixTuningModel
 
     try:
         return PrefixTuningModel.from_pretrained(base, checkpoint, pre_seq_len=pre_seq_len)
@@ -556,7 +526,7 @@ def _with_prefix(base, checkpoint: str, pre_seq_len: int | None):
 
 
 def _with_lora(base, adapter: str):
-    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+    if not is_lora_adapter(adapter):
         raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     from peft import PeftModel
 
@@ -565,4 +535,4 @@ def _with_lora(base, adapter: str):
 
 
 __all__ = ["ChatModel", "ChatReply", "Completion", "ReplyText", "TextStream", "MetadataSplitter", "load_chat_model",
-           "left_pad", "split_reply", "DEFAULT_MAX_NEW_TOKENS"]
+           "split_reply", "DEFAULT_MAX_NEW_TOKENS"]

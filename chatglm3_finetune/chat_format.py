@@ -1,6 +1,6 @@
 """The ChatGLM3 conversation format, the one contract that training data, inference, evaluation,
-the server and the fast tokenizer's chat template share: roles, messages, the tools prompt, how
-tool calls and interpreter code are written, and how messages become prompt ids.
+the server and the fast tokenizer's chat template share: special and role tokens, roles, messages,
+the tools prompt, how tool calls and interpreter code are written, and how messages become prompt ids.
 
 A message for role R with metadata M and text T is `<|R|>` + encode(M + "\\n") + encode(T), each
 segment with SentencePiece's own dummy prefix; a sequence starts with `[gMASK] sop`.
@@ -12,6 +12,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The nine special tokens, appended right after the SentencePiece pieces (64789.. in ChatGLM3-6B).
+SPECIAL_TOKENS = (
+    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+)
+ROLE_TOKENS = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "observation": "<|observation|>",
+}
 ROLES = ("system", "user", "assistant", "tool", "interpreter", "observation")
 NATIVE_ROLES = ("system", "user", "assistant", "observation")
 NEVER_SUPERVISED_ROLES = ("system", "user")
@@ -20,7 +31,7 @@ CALL_FUNCTION = "tool_call"
 TOOLS_SYSTEM_PROMPT = (
     "Answer the following questions as best as you can. You have access to the following tools:\n"
 )
-_FENCE = "```"
+FENCE = "```"
 
 
 def render_tool_call(name: str, parameters: dict[str, Any]) -> str:
@@ -31,12 +42,12 @@ def render_tool_call(name: str, parameters: dict[str, Any]) -> str:
     """
     del name  # the name is the message's metadata, not part of its text
     arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
-    return f"{_FENCE}python\n{CALL_FUNCTION}({arguments})\n{_FENCE}"
+    return f"{FENCE}python\n{CALL_FUNCTION}({arguments})\n{FENCE}"
 
 
 def render_interpreter_code(code: str) -> str:
     """The text of a code-interpreter message (its metadata is `interpreter`)."""
-    return f"{_FENCE}python\n{code}\n{_FENCE}"
+    return f"{FENCE}python\n{code}\n{FENCE}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""ChatGLM3 assistant replies: render tool calls and code, parse generated replies back.
+"""ChatGLM3 assistant replies parsed back: plain answers, tool calls and interpreter code (chat_format writes them).
 
 An assistant message is `<|assistant|>` + metadata + "\\n" + text. A tool call has the tool's
 name as metadata and a python block calling `tool_call` with keyword arguments; a code
@@ -25,9 +25,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Any
 
-INTERPRETER = "interpreter"
-CALL_FUNCTION = "tool_call"
-_FENCE = "```"
+from .chat_format import CALL_FUNCTION, FENCE, INTERPRETER
 _CODE_LANGUAGES = ("python", "py", "")
 _OPENING_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n")
 _JSON_CONSTANTS = {"true": True, "false": False, "null": None}
@@ -75,7 +73,7 @@ def split_metadata(text: str) -> tuple[str, str]:
         return "", rest.strip()
     if any(ch.isspace() for ch in name):
         return "", text.strip()
-    followed_by_call = rest.lstrip().startswith(_FENCE) or f"{CALL_FUNCTION}(" in rest
+    followed_by_call = rest.lstrip().startswith(FENCE) or f"{CALL_FUNCTION}(" in rest
     reads_like_function = _ASCII_NAME.fullmatch(name) and _TECHNICAL_NAME.search(name)
     if followed_by_call or name == INTERPRETER or reads_like_function:
         return name, rest.strip()
@@ -113,21 +111,21 @@ def parse_assistant_reply(text: str) -> AssistantReply:
 
 def _code_block(content: str) -> tuple[str | None, str | None]:
     """(code, None) for a text that is exactly one python block, else (None, why not)."""
-    if not content.startswith(_FENCE):
-        return None, f"no {_FENCE}python code block after the metadata line"
+    if not content.startswith(FENCE):
+        return None, f"no {FENCE}python code block after the metadata line"
     opening = _OPENING_FENCE.match(content)
     if not opening:
-        return None, f"the opening {_FENCE} fence is not followed by a new line"
+        return None, f"the opening {FENCE} fence is not followed by a new line"
     if opening.group(1) not in _CODE_LANGUAGES:
         return None, f"the code block is {opening.group(1)!r}, not python"
     body = content[opening.end():]
-    if body == _FENCE:
+    if body == FENCE:
         return "", None
-    if body.endswith("\n" + _FENCE):
-        return body[: -len(_FENCE) - 1], None
-    if "\n" + _FENCE in body:
-        return None, f"text follows the closing {_FENCE} fence"
-    return None, f"the code block has no closing {_FENCE} fence (generation cut short?)"
+    if body.endswith("\n" + FENCE):
+        return body[: -len(FENCE) - 1], None
+    if "\n" + FENCE in body:
+        return None, f"text follows the closing {FENCE} fence"
+    return None, f"the code block has no closing {FENCE} fence (generation cut short?)"
 
 
 def _parse_call_arguments(code: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -27,11 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig, GlmConfig
 
+from .file_modes import respect_umask
+from .model_loading import DTYPES
 from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 DROPPED_TENSORS = ("transformer.rotary_pos_emb.inv_freq",)
@@ -76,6 +77,8 @@ class AttentionShape:
 # --- config ---------------------------------------------------------------------------------------
 def read_original_config(input_dir: str) -> dict:
     path = os.path.join(input_dir, "config.json")
+    if not os.path.isdir(input_dir):
+        raise ConversionError(f"{input_dir}: missing (no such folder)")
     if not os.path.isfile(path):
         raise ConversionError(f"{input_dir}: no config.json; --input must be an original ChatGLM3 model folder")
     with open(path) as f:
@@ -295,6 +298,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str | torch.dtype
     config.save_pretrained(output_dir)
     GenerationConfig(eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    respect_umask(output_dir)
     logger.info("converted %s -> %s (%d tensors, %s)", input_dir, output_dir, len(weight_map), dtype)
     return output_dir
 
@@ -309,17 +313,20 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     """
     from transformers import AutoConfig, GlmForCausalLM
 
-    from .prefix_tuning import ORIGINAL_FORMAT, PrefixTuningModel, load_prefix_state
+    from .prefix_checkpoint import ORIGINAL_FORMAT, load_prefix_state
+    from .prefix_model import PrefixTuningModel
 
     try:
         settings, _ = load_prefix_state(ptuning_dir)
     except (ValueError, FileNotFoundError) as error:
         raise ConversionError(str(error)) from error
-    if settings["format"] != ORIGINAL_FORMAT:
+    if settings.format != ORIGINAL_FORMAT:
         raise ConversionError(f"{ptuning_dir} is already a prefix in this toolkit's format; load it as it is")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ConversionError(f"{output_dir} is not empty; choose a new --output folder")
     if base_dir is not None:
+        if not os.path.isdir(base_dir):
+            raise ConversionError(f"--base {base_dir}: missing (no such folder)")
         if not os.path.isfile(os.path.join(base_dir, "config.json")):
             raise ConversionError(f"--base {base_dir}: no config.json; give the converted model folder")
         config = AutoConfig.from_pretrained(base_dir)
@@ -333,10 +340,10 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     except ValueError as error:
         raise ConversionError(str(error)) from error
     if base_dir is not None:
-        model.settings["base_model_name_or_path"] = base_dir
+        model.record_base_model(base_dir)
     model.save_pretrained(output_dir)
     logger.info("converted the P-Tuning prefix %s -> %s (pre_seq_len %d, prefix_projection %s)", ptuning_dir,
-                output_dir, settings["pre_seq_len"], settings["prefix_projection"])
+                output_dir, settings.pre_seq_len, settings.prefix_projection)
     return output_dir
 
 

@@ -75,19 +75,43 @@ class LengthLimits:
     max_target_length: int | None = None  # input-output
 
 
+# The smallest useful caps: [gMASK] sop and one token; one response token (the eos comes on top).
+SMALLEST_CAPS = {"max_seq_length": 3, "max_source_length": 3, "max_target_length": 1}
+
+
+def length_cap_problem(limits: LengthLimits) -> str | None:
+    """What is wrong with a set cap, naming its flag (--max_seq_length ...); None when all are usable."""
+    for name, smallest in SMALLEST_CAPS.items():
+        value = getattr(limits, name)
+        if value is not None and value < smallest:
+            return f"--{name} must be at least {smallest} tokens, got {value}"
+    return None
+
+
 def encode_record(tokenizer, record: dict, train_format: str, limits: LengthLimits) -> EncodedRecord:
     if train_format == MULTI_TURN:
         return encode_multi_turn(tokenizer, record, limits.max_seq_length)
     return encode_prompt_response(tokenizer, record, limits.max_source_length, limits.max_target_length)
 
 
-def sanity_check_lines(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
+SANITY_CHECK_HEAD, SANITY_CHECK_TAIL = 48, 16  # tokens shown of a long record: its start and its end
+
+
+def sanity_check_lines(tokenizer, input_ids: list[int], labels: list[int], full: bool = False) -> list[str]:
+    """One line per token (text, id, label); a long record shows its first and last tokens unless `full`."""
+    shown = range(len(input_ids))
+    if not full and len(input_ids) > SANITY_CHECK_HEAD + SANITY_CHECK_TAIL + 1:
+        shown = [*range(SANITY_CHECK_HEAD), None, *range(len(input_ids) - SANITY_CHECK_TAIL, len(input_ids))]
+    hidden = len(input_ids) - SANITY_CHECK_HEAD - SANITY_CHECK_TAIL
     lines = ["Sanity Check >>>>>>>>>>>>>"]
-    for token_id, label in zip(input_ids, labels):
-        lines.append(f"{tokenizer.token_text(token_id)!r}: {token_id:6d} -> {label:6d}")
+    for i in shown:
+        if i is None:
+            lines.append(f"... {hidden} tokens not shown (--full_sanity_check shows every token) ...")
+            continue
+        lines.append(f"{tokenizer.token_text(input_ids[i])!r}: {input_ids[i]:6d} -> {labels[i]:6d}")
     lines.append("<<<<<<<<<<<<< Sanity Check")
     return lines
 
 
-def print_sanity_check(tokenizer, input_ids: list[int], labels: list[int]) -> None:
-    print("\n".join(sanity_check_lines(tokenizer, input_ids, labels)), flush=True)
+def print_sanity_check(tokenizer, input_ids: list[int], labels: list[int], full: bool = False) -> None:
+    print("\n".join(sanity_check_lines(tokenizer, input_ids, labels, full)), flush=True)

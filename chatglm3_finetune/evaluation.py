@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chat_parsing import ToolCall, parse_assistant_reply
-from .metrics import GENERATION_METRICS, generation_metrics, tool_call_metrics
+from .metrics import GENERATION_METRICS, generation_metrics, percent, tool_call_metrics
 from .data_formats import LoadedData, load_data, record_format_of
 from .records import AUTO, MULTI_TURN, record_format, write_jsonl
 from .encoding import IGNORE_INDEX
@@ -125,15 +125,11 @@ def score_items(items: list[EvalItem], texts: list[str]) -> dict:
     metrics.update(tool_call_metrics([reply for reply, _ in calls], [call for _, call in calls]))
     code = [(reply.code, item.reference) for reply, item in zip(replies, items) if item.role == "interpreter"]
     metrics.update(
-        interpreter_accuracy=_percent(sum(c is not None for c, _ in code), len(code)),
-        interpreter_code_exact_match=_percent(sum(c is not None and c.strip() == r.strip() for c, r in code),
+        interpreter_accuracy=percent(sum(c is not None for c, _ in code), len(code)),
+        interpreter_code_exact_match=percent(sum(c is not None and c.strip() == r.strip() for c, r in code),
                                               len(code)),
         num_plain_turns=len(plain), num_interpreter_turns=len(code), num_items=len(items))
     return metrics
-
-
-def _percent(count: int, total: int) -> float:
-    return round(100 * count / total, 4) if total else 0.0
 
 
 def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]) -> list[dict]:
@@ -157,23 +153,6 @@ def prediction_rows(records: list[dict], items: list[EvalItem], texts: list[str]
 
 
 # ---- training: prompt-only datasets and compute_metrics ----------------------------------------
-
-class GenerationCollator:
-    """Generation batches: prompts LEFT-padded (the new tokens then line up at the end), and
-    `labels` = the items' indices [batch, 1] so metrics find each prediction's reference."""
-
-    def __init__(self, pad_token_id: int = 0):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        from .chat_engine import left_pad
-
-        input_ids, attention_mask = left_pad([list(f["input_ids"]) for f in features], self.pad_token_id)
-        labels = torch.tensor([list(f["labels"]) for f in features], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
 
 DEFAULT_EVAL_MAX_NEW_TOKENS = 128
 
@@ -219,18 +198,23 @@ class GenerationEval:
         self.datasets: dict = {}
 
     @classmethod
-    def from_args(cls, tokenizer, data_args, training_args) -> "GenerationEval":
-        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict)."""
+    def from_args(cls, tokenizer, data_args, training_args, records: dict | None = None) -> "GenerationEval":
+        """Reads --validation_file (with --do_eval) and --test_file (with --do_predict), or takes
+        `records` already read: {"eval" | "test": [(location, record), ...]} (e.g. held out by --val_size)."""
         generation = cls(tokenizer, None, data_args.max_source_length)
-        splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
-                   data_args.validation_split, "--validation_split"),
-                  ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
-                   data_args.test_split, "--test_split"))
-        for name, wanted, path, max_samples, split, split_flag in splits:
-            if wanted:
-                located = read_and_validate(path, data_args, max_samples, split, split_flag)
+        if records is None:
+            records = {}
+            splits = (("eval", training_args.do_eval, data_args.validation_file, data_args.max_eval_samples,
+                       data_args.validation_split, "--validation_split"),
+                      ("test", training_args.do_predict, data_args.test_file, data_args.max_predict_samples,
+                       data_args.test_split, "--test_split"))
+            for name, wanted, path, max_samples, split, split_flag in splits:
+                if wanted:
+                    records[name] = read_and_validate(path, data_args, max_samples, split, split_flag)
+        for name in ("eval", "test"):
+            if name in records:
                 generation.train_format = record_format_of(data_args)
-                generation.add_split(name, [record for _, record in located])
+                generation.add_split(name, [record for _, record in records[name]])
         return generation
 
     def add_split(self, name: str, records: list[dict]):
@@ -270,5 +254,5 @@ class GenerationEval:
 
 
 __all__ = ["EvalItem", "GENERATION_METRICS", "build_eval_items", "read_eval_records", "evaluation_stop_token_ids",
-           "decode_generated", "score_items", "prediction_rows", "write_jsonl", "GenerationCollator", "GenerationEval",
+           "decode_generated", "score_items", "prediction_rows", "write_jsonl", "GenerationEval",
            "generate_new_tokens", "needs_synced_gpus"]

@@ -17,11 +17,16 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 from transformers import TokenizersBackend
 
-from .tokenizer import SPECIAL_TOKENS
+from .chat_format import SPECIAL_TOKENS, TOOLS_SYSTEM_PROMPT
 
 FAST_SPECIAL_NAMES = {"sop": "<sop>", "eop": "<eop>"}
 FAST_SPECIAL_TOKENS = tuple(FAST_SPECIAL_NAMES.get(name, name) for name in SPECIAL_TOKENS)
-TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:\n"
+
+
+def _in_jinja_quotes(text: str) -> str:
+    """text escaped for a single-quoted Jinja string literal."""
+    return text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+
 
 # Per message: <|role|> + metadata + "\n", then " " + content when there is content. The normalizer
 # gives each text chunk after a special token its dummy-prefix "▁", which stands for the metadata's
@@ -37,7 +42,7 @@ CHAT_TEMPLATE = """
 {%- endfor -%}
 {%- set tools = unwrapped.tools -%}
 {%- if tools -%}
-    {{- '<|system|>\\n Answer the following questions as best as you can. You have access to the following tools:\\n' -}}
+    {{- '<|system|>\\n TOOLS_SYSTEM_PROMPT' -}}
     {{- tools | tojson(indent=4, ensure_ascii=False) -}}
 {%- endif -%}
 {%- for message in messages -%}
@@ -53,7 +58,7 @@ CHAT_TEMPLATE = """
 {%- if add_generation_prompt -%}
     {{- '<|assistant|>' -}}
 {%- endif -%}
-"""
+""".replace("TOOLS_SYSTEM_PROMPT", _in_jinja_quotes(TOOLS_SYSTEM_PROMPT))
 
 
 def read_pieces(model_file: str) -> list[tuple[str, float, int]]:
@@ -111,5 +116,5 @@ def build_fast_tokenizer(model_file: str, padding_side: str = "left") -> Tokeniz
     )
 
 
-__all__ = ["CHAT_TEMPLATE", "FAST_SPECIAL_TOKENS", "TOOLS_PROMPT", "bpe_merges", "build_tokenizer_object",
+__all__ = ["CHAT_TEMPLATE", "FAST_SPECIAL_TOKENS", "bpe_merges", "build_tokenizer_object",
            "build_fast_tokenizer"]

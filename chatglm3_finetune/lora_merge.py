@@ -21,13 +21,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+from .model_loading import DTYPES
 
+from .file_modes import respect_umask
 from .model_loading import peft_deprecations_silenced
 
 logger = logging.getLogger("merge_lora")
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 
@@ -54,8 +54,11 @@ def resolve_base(base: str | None, adapter_config: dict, adapter: str) -> str:
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{adapter}/adapter_config.json names no base model: pass --base")
+    if not os.path.isdir(base):
+        raise MergeError(f"base model {base}: missing (no such folder); pass --base with the folder "
+                         f"the adapter was trained on")
     if not os.path.isfile(os.path.join(base, "config.json")):
-        raise MergeError(f"base model {base}: no such model folder (no config.json); pass --base with the folder "
+        raise MergeError(f"base model {base}: not a model folder (no config.json); pass --base with the folder "
                          f"the adapter was trained on")
     return base
 
@@ -76,7 +79,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     adapter_config = read_adapter_config(adapter)
     base = resolve_base(base, adapter_config, adapter)
     check_output(output, base, adapter)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
     try:
         with peft_deprecations_silenced():
             model = PeftModel.from_pretrained(model, adapter)
@@ -90,6 +93,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     merged = model.merge_and_unload()
     os.makedirs(output, exist_ok=True)
     merged.save_pretrained(output)
+    respect_umask(output)
     tokenizer_source = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(tokenizer_source, name)):
@@ -104,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + weights)")
     parser.add_argument("--output", required=True, help="new folder for the merged model")
     parser.add_argument("--base", help="base model folder (default: the one named in adapter_config.json)")
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: the base model's)")
     return parser.parse_args(argv)
 

@@ -92,9 +92,9 @@ def tool_call_metrics(predicted: list[AssistantReply | str],
     well_formed = [reply for reply in attempted if reply.error is None]
     unexpected = [1 for reply, call in zip(replies, expected) if call is None and reply.looks_like_call]
     return {
-        "tool_name_accuracy": _percent(len(same_name), len(expected_calls)),
-        "parameters_exact_match": _percent(len(exact), len(expected_calls)),
-        "well_formed_rate": _percent(len(well_formed), len(attempted)),
+        "tool_name_accuracy": percent(len(same_name), len(expected_calls)),
+        "parameters_exact_match": percent(len(exact), len(expected_calls)),
+        "well_formed_rate": percent(len(well_formed), len(attempted)),
         "num_predictions": len(replies),
         "num_expected_calls": len(expected_calls),
         "num_attempted_calls": len(attempted),
@@ -119,7 +119,8 @@ def _comparable(value: Any) -> Any:
     return (type(value).__name__, value)
 
 
-def _percent(count: int, total: int) -> float:
+def percent(count: int, total: int) -> float:
+    """count / total in percent, rounded to 4 decimals; 0.0 when there is nothing to count."""
     return round(100 * count / total, 4) if total else 0.0
 
 

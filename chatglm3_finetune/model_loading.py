@@ -12,11 +12,14 @@ import warnings
 
 import torch
 
+from .checkpoint_folders import is_original_chatglm
+from .private_api import unpack_4bit_for_training
+
 logger = logging.getLogger(__name__)
 # bitsandbytes (imported by peft) warns at import, on every CPU run, about an optional kernel download.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # what users may name
 
 
 class ModelLoadError(RuntimeError):
@@ -65,23 +68,23 @@ def default_device_map(use_cpu: bool = False, training: bool = False):
 
 def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                     quantization_bit: int | None = None, attn_implementation: str | None = None,
-                    device_map=None):
+                    device_map=None, remote_code_flag: str = "--trust_remote_code"):
     """A causal LM from a local folder through AutoModelForCausalLM (no remote code unless asked).
     With `quantization_bit` the linear layers are loaded in 8 or 4 bits (frozen; compute in `dtype`,
-    bf16 when that is fp32)."""
+    bf16 when that is fp32). `remote_code_flag`: how the caller spells its trust-remote-code flag."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if not os.path.isdir(path):
-        raise ModelLoadError(f"{path}: no such model folder")
+        raise ModelLoadError(f"{path}: missing (no such folder)")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
-        if "chatglm" in str(e).lower() or _is_original_chatglm(path):
+        if "chatglm" in str(e).lower() or is_original_chatglm(path):
             raise ModelLoadError(
                 f"{path} is an original ChatGLM3 checkpoint (remote code). Convert it once with "
                 f"`python scripts/convert_chatglm3.py --input {path} --output <new folder>` and train on the "
-                f"converted folder, or pass --trust_remote_code if you have working remote code") from None
+                f"converted folder, or pass {remote_code_flag} if you have working remote code") from None
         raise ModelLoadError(f"{path}: {e}") from None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -126,42 +129,24 @@ def keep_4bit_layers_trainable(model) -> int:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return 0
-    unpacked = 0
-    for module in model.modules():
-        if not isinstance(module, Linear4bit):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        state = getattr(module.weight, "quant_state", None)
-        if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
-            unpacked += 1
+    unpacked = sum(unpack_4bit_for_training(module) for module in model.modules() if isinstance(module, Linear4bit))
     if unpacked:
         logger.warning("Unpacked %d 4-bit layers that had been repacked for CPU inference", unpacked)
     return unpacked
 
 
-def _is_original_chatglm(path: str) -> bool:
-    import json
-
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        return False
-    with open(config_file) as f:
-        return json.load(f).get("model_type") == "chatglm"
-
-
 def add_prefix_tuning(model, model_args, base_path: str):
     """Wraps a frozen base with a P-Tuning v2 prefix: new, or continued from --ptuning_checkpoint."""
-    from .prefix_tuning import PrefixTuningModel
+    from .prefix_model import PrefixTuningModel
 
     keep_4bit_layers_trainable(model)
     if model_args.ptuning_checkpoint:
         logger.info("Continuing P-Tuning v2 from %s", model_args.ptuning_checkpoint)
+        # The prefix now belongs to the base trained here, whatever the checkpoint named (an original
+        # checkpoint names the hub id or the folder it was made in).
         return PrefixTuningModel.from_pretrained(model, model_args.ptuning_checkpoint, model_args.pre_seq_len,
-                                                 trainable=True, prefix_dropout=model_args.prefix_dropout)
+                                                 trainable=True, prefix_dropout=model_args.prefix_dropout,
+                                                 base_model_name_or_path=base_path)
     return PrefixTuningModel(model, model_args.pre_seq_len, model_args.prefix_projection,
                              model_args.prefix_hidden_size, model_args.prefix_dropout,
                              base_model_name_or_path=base_path)

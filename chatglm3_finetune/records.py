@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .chat_format import NEVER_SUPERVISED_ROLES, ROLES
 
@@ -28,12 +29,49 @@ def read_records(path: str) -> list[tuple[str, object]]:
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(path, f.read())
     records = _read_json_list(path, text) if _looks_like_json_list(path, text) else _read_json_lines(path, text)
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
+
+
+def _decode(path: str, data: bytes) -> str:
+    """The file's text as UTF-8 (a UTF-8 byte-order mark is allowed); anything else is a DataError."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}:1: the file is UTF-16 text; save it as UTF-8")
+    if b"\x00" in data:
+        line = data.count(b"\n", 0, data.index(b"\x00")) + 1
+        raise DataError(f"{path}:{line}: a NUL byte: this is a binary file, not JSON text (UTF-8 expected)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8 (is the file latin-1 or another "
+                        f"encoding?); save it as UTF-8") from None
+
+
+def _parse_json(where: str, text: str, line: int = 1):
+    """json.loads with every failure as one DataError naming `where` (file:line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}:{line + e.lineno - 1}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}:{line}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise DataError(f"{where}:{line}: unreadable JSON value: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}:{line}: a lone UTF-16 surrogate escape (\\ud800-\\udfff) that is not "
+                            f"part of a pair: this is not valid text") from None
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 def _looks_like_json_list(path: str, text: str) -> bool:
@@ -46,17 +84,14 @@ def _is_json_lines(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
     try:
         return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
 
 
 def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    data = _parse_json(path, text)
     if not isinstance(data, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records, found {_json_type(data)}")
+        raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type(data)}")
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
 
 
@@ -65,10 +100,7 @@ def _read_json_lines(path: str, text: str) -> list[tuple[str, object]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+        records.append((f"{path}:{number}", _parse_json(path, line, number)))
     return records
 
 
@@ -95,7 +127,7 @@ def validate_records(records: list[tuple[str, object]], train_format: str) -> No
     first_format = None
     for where, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be a JSON object, found {_json_type(record)}")
+            raise DataError(f"{where}: a record must be a JSON object, found {json_type(record)}")
         fmt = record_format(record)
         if fmt is not None and first_format is None:
             first_format = (fmt, where)
@@ -115,13 +147,12 @@ def validate_records(records: list[tuple[str, object]], train_format: str) -> No
             raise DataError(f"{where}: {problem}")
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
+    """How a parsed JSON value is called in an error message: "an object", "a list", "null", ..."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
              int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)
 
-
-json_type = _json_type  # "an object", "a list", ...: how error messages name what was found
 
 
 def validate_prompt_response(record: dict) -> str | None:
@@ -129,7 +160,7 @@ def validate_prompt_response(record: dict) -> str | None:
         if field not in record:
             return f"{field}: missing (an input-output record needs 'prompt' and 'response' strings)"
         if not isinstance(record[field], str):
-            return f"{field}: must be a string, found {_json_type(record[field])}"
+            return f"{field}: must be a string, found {json_type(record[field])}"
     return None
 
 
@@ -142,17 +173,17 @@ def validate_conversation_record(record: dict, role_fields: list[str] | None = N
         return "conversations: missing (a multi-turn record needs a 'conversations' list)"
     turns = record["conversations"]
     if not isinstance(turns, list):
-        return f"conversations: must be a list of turns, found {_json_type(turns)}"
+        return f"conversations: must be a list of turns, found {json_type(turns)}"
     if not turns:
         return "conversations: the list is empty"
     if "tools" in record and not isinstance(record["tools"], list):
-        return f"tools: must be a list, found {_json_type(record['tools'])}"
+        return f"tools: must be a list, found {json_type(record['tools'])}"
     seen_system = seen_user = trained = False
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
         role_field = role_fields[i] if role_fields else f"{field}.role"
         if not isinstance(turn, dict):
-            return f"{field}: a turn must be an object, found {_json_type(turn)}"
+            return f"{field}: a turn must be an object, found {json_type(turn)}"
         role = turn.get("role")
         if role is None:
             return f"{field}.role: missing"
@@ -185,12 +216,12 @@ def _validate_turn_fields(turn: dict, role: str, field: str) -> str | None:
         if not isinstance(turn["name"], str) or not turn["name"]:
             return f"{field}.name: must be a non-empty string, found {json.dumps(turn['name'], ensure_ascii=False)}"
         if not isinstance(turn["parameters"], dict):
-            return f"{field}.parameters: must be an object, found {_json_type(turn['parameters'])}"
+            return f"{field}.parameters: must be an object, found {json_type(turn['parameters'])}"
         return None
     if "content" not in turn:
         return f"{field}.content: missing"
     if not isinstance(turn["content"], str):
-        return f"{field}.content: must be a string, found {_json_type(turn['content'])}"
+        return f"{field}.content: must be a string, found {json_type(turn['content'])}"
     if role == "interpreter" and "observation" not in turn:
         return f"{field}.observation: missing (an 'interpreter' turn needs the code's output)"
     return None

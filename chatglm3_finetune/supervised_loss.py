@@ -1,4 +1,4 @@
-"""Causal-LM loss computed only where there is something to learn.
+"""Causal-LM loss computed only where there is something to learn, and the switch that models read to use it.
 
 `GlmForCausalLM(..., labels=...)` projects EVERY position onto the 65,024-wide vocabulary, then
 throws most of it away (prompts, system turns and padding are -100). Here the decoder body runs as
@@ -9,31 +9,42 @@ computation's.
 
 The model's submodules are only ever called (`causal_lm.model`, `causal_lm.lm_head`), never their
 weights read, so DeepSpeed ZeRO-3 gathers partitioned parameters through its usual hooks.
+
+`use_supervised_loss(model)` turns it on for training: a model class that reads the switch
+(`SupervisedLossSwitch`) computes it inside its own forward. This module also holds the loss
+contract with the HF Trainer (`accepts_loss_kwargs`, the label shift in `shift_labels`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .packing import attention_mask_for
+from .encoding import IGNORE_INDEX
+from .private_api import attn_implementation
 
-IGNORE_INDEX = -100
 # 4096 targets: at most ~1 GB of fp32 logits (and as much gradient) at ChatGLM3's vocabulary.
 DEFAULT_CHUNK_SIZE = 4096
 
 
-def count_targets(labels) -> int:
-    """How many positions a causal-LM loss trains on: labels[1:] != -100, per row.
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label shift of a causal LM: the hidden state at position i predicts labels[i + 1], so
+    label 0 of a row is never a target (nothing comes before it). [batch, seq] -> [batch, seq - 1]."""
+    return labels[..., 1:]
 
-    labels: a [batch, seq] tensor, a list of rows, or one row (list of ints). Label 0 of a row is
-    never predicted (nothing comes before it), which is also how the HF Trainer counts
-    `num_items_in_batch`.
+
+def count_targets(labels) -> int:
+    """How many positions a causal-LM loss trains on: the shifted labels that are not -100.
+
+    labels: a [batch, seq] tensor, a list of rows, or one row (list of ints). This is also how the
+    HF Trainer counts `num_items_in_batch` (ChatGLMTrainer declares the shift for every model kind).
     """
     if isinstance(labels, torch.Tensor):
-        return int((labels[..., 1:] != IGNORE_INDEX).sum())
+        return int((shift_labels(labels) != IGNORE_INDEX).sum())
     rows = [labels] if labels and not isinstance(labels[0], (list, tuple)) else labels
     return sum(1 for row in rows for label in row[1:] if label != IGNORE_INDEX)
 
@@ -58,7 +69,7 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     checkpoint_chunks is on, the backward recomputes each chunk's logits instead of keeping them
     all, so at most one chunk's [chunk_size, vocab] logits exist at any time.
     A 4D attention_mask (packed rows) is first put in the form the model's attention reads
-    (`packing.attention_mask_for`). A batch without targets gives a zero loss that still reaches
+    (`attention_mask_for`). A batch without targets gives a zero loss that still reaches
     every parameter (zero gradients).
     """
     if chunk_size < 1:
@@ -70,15 +81,14 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     model_inputs.setdefault("use_cache", False)
     mask = model_inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        model_inputs["attention_mask"] = attention_mask_for(
-            getattr(causal_lm.config, "_attn_implementation", "sdpa"), mask, causal_lm.dtype)
+        model_inputs["attention_mask"] = attention_mask_for(attn_implementation(causal_lm.config), mask,
+                                                            causal_lm.dtype)
     hidden = causal_lm.model(**model_inputs).last_hidden_state
     labels = labels.to(hidden.device)
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match the inputs {tuple(hidden.shape[:2])}")
 
-    # The label shift: the hidden state at position i predicts labels[i + 1].
-    next_labels = labels[:, 1:]
+    next_labels = shift_labels(labels)
     is_target = next_labels != IGNORE_INDEX
     target_hidden = hidden[:, :-1][is_target]
     target_ids = next_labels[is_target]
@@ -104,36 +114,81 @@ def supervised_lm_loss(causal_lm: torch.nn.Module, labels: torch.Tensor, num_ite
     return total / denominator, num_targets
 
 
-def use_supervised_loss(model: torch.nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.nn.Module:
-    """Makes a model's TRAINING forward with labels use `supervised_lm_loss` (output layer in chunks
-    of `chunk_size` targets); returns the model.
+def attention_mask_for(attn_implementation: str, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D mask (boolean, or additive float) in the form `attn_implementation` reads.
 
-    A P-Tuning wrapper gets its switch turned on; a plain causal LM (or the one inside a peft
-    model) gets an instance-level forward that, in training mode and with labels, returns only the
-    loss, and otherwise defers to the class's own forward (evaluation, generation, saving are
-    untouched). The loss runs inside the model's forward, so DDP and DeepSpeed wrappers see a
-    normal call.
+    eager: additive, 0 or the minimum of dtype (the model's dtype). Anything else (sdpa, ...): boolean.
     """
-    if hasattr(model, "supervised_loss") and hasattr(model, "prefix_encoder"):
-        model.supervised_loss = True
-        model.loss_chunk_size = chunk_size
-        return model
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    original_forward = causal_lm.forward
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    if attn_implementation != "eager":
+        return allowed
+    if mask.dtype == dtype:
+        return mask  # already additive in the model's dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        if labels is None or not causal_lm.training or kwargs.get("inputs_embeds") is not None:
-            return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    labels=labels, **kwargs)
+
+# ---- the switch and the contract with the Trainer ------------------------------------------------
+
+class SupervisedLossSwitch:
+    """A model whose forward reads the switch `supervised_loss`: in training, with labels and the
+    switch on, the loss is `supervised_lm_loss` and the output holds only the loss.
+
+    The loss contract with the HF Trainer: `accepts_loss_kwargs` (forward takes
+    `num_items_in_batch`, the target count over all micro-batches and ranks, and divides the
+    summed loss by it) and the label shift (`shift_labels`), which the Trainer is told about
+    (`private_api.declare_causal_label_shift`) so it counts targets the same way for every model.
+    """
+
+    supervised_loss = False
+    loss_chunk_size = DEFAULT_CHUNK_SIZE  # targets per output-layer call (--loss_chunk_size)
+    accepts_loss_kwargs = True
+
+    def uses_supervised_loss(self, labels) -> bool:
+        return labels is not None and self.training and self.supervised_loss
+
+
+class SupervisedLossForward(SupervisedLossSwitch):
+    """Gives a transformers causal LM class the switch: placed before it in the MRO by
+    `use_supervised_loss`; everything but a supervised training forward is the class's own."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if not self.uses_supervised_loss(labels) or kwargs.get("inputs_embeds") is not None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   labels=labels, **kwargs)
         for unused in ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep"):
             kwargs.pop(unused, None)
-        loss, _ = supervised_lm_loss(causal_lm, labels, kwargs.pop("num_items_in_batch", None),
-                                     chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids, **kwargs)
+        loss, _ = supervised_lm_loss(self, labels, kwargs.pop("num_items_in_batch", None),
+                                     chunk_size=self.loss_chunk_size, input_ids=input_ids,
+                                     attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return CausalLMOutputWithPast(loss=loss)
 
-    causal_lm.forward = forward
+
+@functools.lru_cache(maxsize=None)
+def with_supervised_loss(model_class: type) -> type:
+    """`model_class` with the switch: same name and module (so saved configs name the original
+    architecture), SupervisedLossForward first in its MRO."""
+    return type(model_class.__name__, (SupervisedLossForward, model_class),
+                {"__module__": model_class.__module__, "__qualname__": model_class.__qualname__})
+
+
+def use_supervised_loss(model: torch.nn.Module, enabled: bool = True, chunk_size: int | None = None) -> torch.nn.Module:
+    """Turns the supervised loss on (or off) for a model's TRAINING forward with labels, its output
+    layer in chunks of `chunk_size` targets (default DEFAULT_CHUNK_SIZE); returns the model.
+
+    A model that reads the switch (the P-Tuning wrapper) gets it set. A transformers causal LM (or
+    the one inside a peft model) becomes an instance of `with_supervised_loss(its class)`, a subclass
+    that reads it; evaluation, generation and saving stay the class's own. The loss runs inside
+    the model's forward, so DDP and DeepSpeed wrappers see a normal call.
+    """
+    target = model if isinstance(model, SupervisedLossSwitch) else (
+        model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if not isinstance(target, SupervisedLossSwitch):
+        target.__class__ = with_supervised_loss(type(target))
+    target.supervised_loss = enabled
+    if chunk_size is not None:
+        target.loss_chunk_size = chunk_size
     return model
 
 
-__all__ = ["IGNORE_INDEX", "DEFAULT_CHUNK_SIZE", "count_targets", "supervised_lm_loss", "use_supervised_loss"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "shift_labels", "count_targets", "supervised_lm_loss",
+           "attention_mask_for", "SupervisedLossSwitch", "use_supervised_loss"]

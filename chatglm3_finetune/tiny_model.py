@@ -20,7 +20,9 @@ import os
 import sentencepiece as spm
 from transformers import GlmConfig, GlmForCausalLM
 
-from .tokenizer import SPECIAL_TOKENS, TOKENIZER_MODEL_FILE, load_tokenizer
+from .chat_format import SPECIAL_TOKENS
+from .file_modes import respect_umask
+from .tokenizer import TOKENIZER_MODEL_FILE, load_tokenizer
 
 PRETRAINING_FILE = "pretraining.json"
 
@@ -182,6 +184,7 @@ def build_tiny_model(out_dir: str, texts: list[str] | None = None, vocab_size: i
     model.generation_config.eos_token_id = tokenizer.stop_token_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
+    respect_umask(out_dir)
     return out_dir
 
 

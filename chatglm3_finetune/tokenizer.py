@@ -20,16 +20,8 @@ import shutil
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
-SPECIAL_TOKENS = (
-    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-)
-ROLE_TOKENS = {
-    "system": "<|system|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "observation": "<|observation|>",
-}
+from .chat_format import ROLE_TOKENS, SPECIAL_TOKENS
+
 TOKENIZER_MODEL_FILE = "tokenizer.model"
 
 
@@ -169,7 +161,7 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         """Writes tokenizer.model (read back by `load_tokenizer` as this class) plus tokenizer.json,
         chat_template.jinja and a tokenizer_config.json that `AutoTokenizer.from_pretrained` loads
         with no remote code as the equivalent generic fast tokenizer, chat template included."""
-        from .fast_tokenizer import build_fast_tokenizer  # imports this module
+        from .fast_tokenizer import build_fast_tokenizer
 
         os.makedirs(save_directory, exist_ok=True)
         build_fast_tokenizer(self.vocab_file, padding_side=self.padding_side).save_pretrained(save_directory)
@@ -192,11 +184,11 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
 def load_tokenizer(path: str, **kwargs) -> ChatGLM3Tokenizer:
     """The ChatGLM3 tokenizer from a folder (or a tokenizer.model file path)."""
     vocab_file = path if os.path.isfile(path) else os.path.join(path, TOKENIZER_MODEL_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing (no such folder)")
     if not os.path.isfile(vocab_file):
-        raise FileNotFoundError(
-            f"no {TOKENIZER_MODEL_FILE} in {path!r}: point --tokenizer_name (or the model path) at a "
-            f"ChatGLM3 folder that holds the SentencePiece model"
-        )
+        raise FileNotFoundError(f"no {TOKENIZER_MODEL_FILE} in {path}: give a ChatGLM3 folder that holds the "
+                                f"SentencePiece model")
     padding_side = kwargs.pop("padding_side", None)
     config_file = os.path.join(os.path.dirname(vocab_file), "tokenizer_config.json")
     if padding_side is None and os.path.isfile(config_file):

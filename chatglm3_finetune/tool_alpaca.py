@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 
-from .records import write_jsonl
+from .splitting import add_split_options, parse_split_or_exit, write_converted
 
 ERROR_INSTANCE = 'instance has "error"'
 NOT_AN_OBJECT = "instance is not a JSON object"
@@ -125,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", required=True, help="ToolAlpaca train-format JSON file (a list of API records)")
     parser.add_argument("--output", default="formatted_data/tool_alpaca.jsonl")
+    add_split_options(parser, "formatted_data/tool_alpaca.jsonl")
     args = parser.parse_args(argv)
+    if args.split:
+        parse_split_or_exit(parser, args.split)
     try:
         with open(args.path, encoding="utf-8") as f:
             records = json.load(f)
@@ -140,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except ToolAlpacaFileError as error:
         print(f"error: {error}. Is this ToolAlpaca train data (train_data.json)?", file=sys.stderr)
         return 1
-    write_jsonl(rows, args.output)
-    print(f"{args.path} -> {args.output}")
     print("\n".join(summary_lines(records, rows, skipped)))
+    print("\n".join(write_converted(parser, args, rows)))
     return 0
 
 

@@ -7,7 +7,7 @@
 The output loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained, no remote code, and
 with chatglm3_tokenizer.load_tokenizer. Conversion goes one shard at a time (peak memory ~ a shard).
 With --ptuning, an original P-Tuning v2 checkpoint becomes a prefix in this toolkit's format, which
-prefix_tuning.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
+prefix_model.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.ptuning:
-            output = convert_ptuning(args.ptuning, args.output, base_dir=args.base)
+            convert_ptuning(args.ptuning, args.output, base_dir=args.base)
         else:
-            output = convert_checkpoint(args.input, args.output, dtype=args.dtype)
+            convert_checkpoint(args.input, args.output, dtype=args.dtype)
     except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"converted {args.ptuning or args.input} -> {output}")
-    return 0
+    return 0  # the conversion logged its own last line: "converted INPUT -> OUTPUT (...)"
 
 
 if __name__ == "__main__":

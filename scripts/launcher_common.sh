@@ -8,6 +8,8 @@
 #   GRAD_ACCUMULATION_STEPS works too), LR, MAX_STEP, SAVE_INTERVAL, MAX_SEQ_LEN (multi-turn) or
 #   MAX_SOURCE_LEN/MAX_TARGET_LEN (input-output), PRE_SEQ_LEN (P-Tuning), DS_CONFIG (DeepSpeed)
 #   LOGGING_STEPS    log the loss every N steps (default 10)
+#   VAL_SIZE         hold out part of DATASET_PATH, a count or a fraction (finetune.py --val_size,
+#                    drawn with --seed), and evaluate on it every SAVE_INTERVAL steps and at the end
 #   SAVE_EVERY_MINUTES  also save a checkpoint every M minutes (finetune.py --save_every_minutes;
 #                    30 by default where finetune.py has that flag, 0 turns it off)
 #   OUTPUT_DIR       default output/RUN_NAME-DATESTR-...; rerun with the same OUTPUT_DIR to resume
@@ -172,6 +174,9 @@ launch_finetune() {
     # Time-based checkpoints wherever this finetune.py has them (--save_every_minutes); 0 turns them off.
     if grep -rqs save_every_minutes arguments.py chatglm3_finetune; then defaults SAVE_EVERY_MINUTES=30; fi
     if [ "${SAVE_EVERY_MINUTES:-0}" != 0 ]; then method_args+=(--save_every_minutes "$SAVE_EVERY_MINUTES"); fi
+    if [ -n "${VAL_SIZE:-}" ]; then
+        method_args+=(--val_size "$VAL_SIZE" --do_eval --eval_strategy steps --eval_steps "$SAVE_INTERVAL")
+    fi
     defaults OUTPUT_DIR="output/$RUN_NAME-$DATESTR-$suffix"
     set_device_args
     set_extra_args

@@ -1,7 +1,9 @@
 """Shared fixtures: the real ChatGLM3 tokenizer (when ../shared/data is present) and tiny models."""
 
+import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,18 +47,18 @@ def tiny_tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def formatted_samples(tmp_path_factory):
-    """The bundled samples through the two converters: {"multi-turn": path, "input-output": path}."""
-    import subprocess
+    """The bundled samples through the two converters: {"multi-turn": path, "input-output": path}.
+    In-process (the converter scripts are thin wrappers over these mains, tested as processes in
+    test_converters.py)."""
+    from chatglm3_finetune import advertise_gen, tool_alpaca
 
     out = tmp_path_factory.mktemp("formatted_data")
     tool = out / "tool_alpaca.jsonl"
     advert = out / "advertise_gen.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "format_tool_alpaca.py"), "--path",
-                    str(ROOT / "data" / "sample" / "tool_alpaca_train.json"), "--output", str(tool)],
-                   check=True, capture_output=True)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "format_advertise_gen.py"), "--path",
-                    str(ROOT / "data" / "sample" / "advertise_gen_train.json"), "--output", str(advert)],
-                   check=True, capture_output=True)
+    for convert, sample, output in ((tool_alpaca.main, "tool_alpaca_train.json", tool),
+                                    (advertise_gen.main, "advertise_gen_train.json", advert)):
+        code = convert(["--path", str(ROOT / "data" / "sample" / sample), "--output", str(output)])
+        assert code == 0 and output.stat().st_size > 0, f"{convert.__module__} failed on {sample}"
     return {"multi-turn": str(tool), "input-output": str(advert)}
 
 
@@ -70,3 +72,47 @@ def run_finetune(*args: str, env: dict | None = None, check: bool = True, timeou
     if check and result.returncode != 0:
         raise AssertionError(f"finetune.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune.main` left behind in-process, shaped like a finished subprocess: stdout holds
+    what it printed plus its INFO log records (a real run logs to stdout)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def finetune_in_process(capsys, caplog):
+    """Runs `finetune.main(args)` in this process (no interpreter start-up, no imports to repeat) and
+    returns a FinetuneResult; the exit code is SystemExit's (2 for user mistakes), or 0.
+
+    main() configures logging for a process of its own; the global settings it changes (root
+    handlers and level, transformers' verbosity and format) are put back afterwards."""
+    import transformers
+
+    def run(*args: str) -> FinetuneResult:
+        import finetune
+
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        verbosity = transformers.utils.logging.get_verbosity()
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        code = 0
+        try:
+            finetune.main(list(args))
+        except SystemExit as e:
+            code = e.code
+        finally:
+            for handler in root.handlers[:]:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+            root.setLevel(level)
+            transformers.utils.logging.set_verbosity(verbosity)
+            transformers.utils.logging.reset_format()
+        captured = capsys.readouterr()
+        return FinetuneResult(code, captured.out + caplog.text, captured.err)
+
+    return run

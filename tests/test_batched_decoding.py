@@ -11,7 +11,7 @@ import torch
 from chatglm3_finetune.batched_decoding import BatchedDecoder, GenerationJob, QueueFull, Sampling, sample_token
 from chatglm3_finetune.chat_engine import ChatModel, load_chat_model
 from chatglm3_finetune.chat_format import Message
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.prefix_model import PrefixTuningModel
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def test_batch_flops_counts_the_documented_formula():
         4 * 100 * 7 + attention + 12 * 2 * 8 * 3 * 7 + 4 * 4 * 10 * 3)
 
 
+@pytest.mark.slow
 def test_bench_train_runs_modes_and_writes_sane_json(tmp_path):
     shared_path("chatglm3-tokenizer", "tokenizer.model")
     shared_path("advertisegen", "dev.json")

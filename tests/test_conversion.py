@@ -281,7 +281,8 @@ def original_ptuning_dir():
 
 
 def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptuning_dir, reference, tmp_path):
-    from chatglm3_finetune.prefix_tuning import PREFIX_FORMAT, PrefixTuningModel, read_prefix_settings
+    from chatglm3_finetune.prefix_checkpoint import PREFIX_FORMAT, read_prefix_settings
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     out = tmp_path / "prefix"
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(out), "--base", converted_dir) == 0
@@ -302,7 +303,7 @@ def test_converted_ptuning_reproduces_original_model(converted_dir, original_ptu
 
 
 def test_ptuning_without_base_reads_the_model_shape_from_its_own_config(original_ptuning_dir, tmp_path):
-    from chatglm3_finetune.prefix_tuning import load_prefix_state
+    from chatglm3_finetune.prefix_checkpoint import load_prefix_state
 
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "prefix")) == 0
     settings, state = load_prefix_state(str(tmp_path / "prefix"))
@@ -325,4 +326,21 @@ def test_ptuning_refusals(original_dir, original_ptuning_dir, tiny_model_dir, tm
     assert "already a prefix in this toolkit's format" in capsys.readouterr().err
     assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "o5"),
                    "--base", str(tmp_path / "nowhere")) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert f"--base {tmp_path / 'nowhere'}: missing (no such folder)" in capsys.readouterr().err
+    assert run_cli("--ptuning", str(original_ptuning_dir), "--output", str(tmp_path / "o6"),
+                   "--base", str(tmp_path)) == 2
+    assert f"--base {tmp_path}: no config.json" in capsys.readouterr().err
+    assert run_cli("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o7")) == 2
+    assert f"{tmp_path / 'nowhere'}: missing (no such folder)" in capsys.readouterr().err
+
+
+def test_cli_prints_its_last_line_once_and_writes_shareable_files(original_ptuning_dir, tmp_path):
+    from chatglm3_finetune.file_modes import current_umask
+
+    out = tmp_path / "prefix"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_chatglm3.py"), "--ptuning",
+                             str(original_ptuning_dir), "--output", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count(f"-> {out}") == 1
+    assert os.stat(out / "prefix_encoder.safetensors").st_mode & 0o777 == 0o666 & ~current_umask()

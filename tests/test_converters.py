@@ -266,3 +266,43 @@ def test_scripts_are_executable():
         path = ROOT / "scripts" / name
         assert path.read_text().startswith("#!/usr/bin/env python3\n")
         assert path.stat().st_mode & 0o111, f"chmod +x {path}"
+
+
+def test_converters_write_a_seeded_train_dev_test_split(tmp_path, capsys):
+    from chatglm3_finetune import advertise_gen, tool_alpaca
+
+    output = tmp_path / "formatted_data" / "advertise_gen.jsonl"
+    assert advertise_gen.main(["--path", str(SAMPLE_ADVERTISE_GEN), "--output", str(output),
+                               "--split", "0.8,0.1,0.1", "--seed", "3"]) == 0
+    parts = {name: read_jsonl(tmp_path / "formatted_data" / f"advertise_gen_{name}.jsonl")
+             for name in ("train", "dev", "test")}
+    assert {name: len(rows) for name, rows in parts.items()} == {"train": 32, "dev": 4, "test": 4}
+    prompts = [row["prompt"] for rows in parts.values() for row in rows]
+    assert sorted(prompts) == sorted(row["prompt"] for row in convert_advertise_gen(open(SAMPLE_ADVERTISE_GEN)))
+    assert not output.exists()
+    printed = capsys.readouterr().out
+    assert f"test: 4 records -> {tmp_path / 'formatted_data' / 'advertise_gen_test.jsonl'}" in printed
+
+    # the same seed gives the same files; a dev fraction of 0 writes no dev file
+    again = tmp_path / "again" / "ta.jsonl"
+    for _ in range(2):
+        assert tool_alpaca.main(["--path", str(SAMPLE_TOOL_ALPACA), "--output", str(again),
+                                 "--split", "0.9,0,0.1"]) == 0
+        first_test = (tmp_path / "again" / "ta_test.jsonl").read_text(encoding="utf-8")
+        assert first_test == (tmp_path / "again" / "ta_test.jsonl").read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["ta_test.jsonl", "ta_train.jsonl"]
+    assert len(read_jsonl(tmp_path / "again" / "ta_test.jsonl")) == 4
+
+
+@pytest.mark.parametrize("split,message", [("0.8,0.1", "three fractions"), ("0.9,0.1,0.1", "add up to 1"),
+                                           ("0.98,0.01,0.01", "leaves the dev part empty")])
+def test_converter_split_errors_name_the_flag(tmp_path, capsys, split, message):
+    from chatglm3_finetune import advertise_gen
+
+    with pytest.raises(SystemExit) as exit_info:
+        advertise_gen.main(["--path", str(SAMPLE_ADVERTISE_GEN), "--output", str(tmp_path / "o.jsonl"),
+                            "--split", split])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --split {split}" in err and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

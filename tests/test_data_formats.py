@@ -14,7 +14,7 @@ from chatglm3_finetune.records import ALPACA, AUTO, INPUT_OUTPUT, MULTI_TURN, OP
 from chatglm3_finetune.tokenizer import load_tokenizer
 from chatglm3_finetune.training_data import length_limits, tokenize_records
 from preprocess_utils import preview
-from test_preprocess_utils import (
+from test_encoding import (
     ASSISTANT, EOS, GMASK, NEED_TOOL, NL, OBSERVATION, SOP, SUNNY, SYSTEM, SYSTEM_TEXT, TEMP_JSON, TOOL_CALL, USER,
     WEATHER_META, WEATHER_Q, X,
 )
@@ -488,7 +488,7 @@ def test_finetune_trains_on_a_dataset_folder_of_openai_records(tiny_model_dir, t
         "--train_split", "train", "--validation_file", str(tmp_path / "chats"), "--validation_split", "test",
         "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none",
         "--pre_seq_len", "2", "--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "3",
-        "--preprocessing_cache_dir", str(tmp_path / "cache"))
+        "--preprocessing_cache_dir", str(tmp_path / "cache"), "--full_sanity_check")
     assert (f"{tmp_path / 'chats' / 'train'}: 3 openai records (recognised from the first record), read as "
             f"multi-turn records") in result.stdout
     assert f"{tmp_path / 'chats' / 'test'}: 1 openai records" in result.stdout

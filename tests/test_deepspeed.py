@@ -154,7 +154,7 @@ def test_ptuning_under_zero3_saves_a_prefix_that_reloads(pt_zero3_two_ranks, pt_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     for folder in (pt_zero3_two_ranks, pt_zero3_two_ranks / f"checkpoint-{STEPS}"):
         assert weight_files(folder) == ["prefix_encoder.safetensors"], folder

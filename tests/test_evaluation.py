@@ -15,7 +15,8 @@ from transformers import EvalPrediction
 
 from chatglm3_finetune.chat_parsing import ToolCall
 from conftest import ROOT
-from chatglm3_finetune.evaluation import (GenerationCollator, GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
+from chatglm3_finetune.collation import GenerationCollator
+from chatglm3_finetune.evaluation import (GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
                         prediction_rows, score_items)
 from chatglm3_finetune.encoding import IGNORE_INDEX, encode_multi_turn, encode_prompt_response
 

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer, TokenizersBackend
 from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt
 from chatglm3_finetune.tokenizer import ChatGLM3Tokenizer, load_tokenizer
 from conftest import shared_path
-from chatglm3_finetune.fast_tokenizer import TOOLS_PROMPT, build_fast_tokenizer
+from chatglm3_finetune.chat_format import TOOLS_SYSTEM_PROMPT as TOOLS_PROMPT
+from chatglm3_finetune.fast_tokenizer import build_fast_tokenizer
 from chatglm3_finetune.tiny_model import train_tiny_sentencepiece
 
 GMASK, SOP, SYSTEM, USER, ASSISTANT = 64790, 64792, 64794, 64795, 64796

@@ -1,4 +1,5 @@
-"""finetune.py end to end on the CPU with a tiny model: options, outputs, resume."""
+"""finetune.py on the CPU with a tiny model: option and data errors (in-process, through
+`finetune.main`; one real process for the exit code), outputs and resume (training processes, slow)."""
 
 import json
 import os
@@ -20,40 +21,53 @@ def common_args(model_dir, data, output_dir, *extra):
 
 # ---- options fail fast, before any model loads ---------------------------------------------------
 
-def test_unknown_train_format_is_rejected(tiny_model_dir, formatted_samples, tmp_path):
+def test_unknown_train_format_is_rejected(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o")
     args[args.index("multi-turn")] = "chat"
-    result = run_finetune(*args, check=False)
+    result = finetune_in_process(*args)
     assert result.returncode == 2
     assert "--train_format" in result.stderr and "invalid choice: 'chat'" in result.stderr
 
 
-def test_missing_data_file_is_rejected(tiny_model_dir, tmp_path):
-    result = run_finetune(*common_args(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path / "o"), check=False)
+def test_missing_data_file_is_rejected(tiny_model_dir, tmp_path, finetune_in_process):
+    result = finetune_in_process(*common_args(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --train_file {tmp_path / 'nope.jsonl'}: no such file"
     assert "Loaded" not in result.stdout
 
 
-def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path):
-    data = tmp_path / "bad.jsonl"
-    data.write_text('{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}\n')
-    result = run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False)
+BAD_RECORD = '{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]}\n'
+
+
+def assert_bad_record_refused(result, data):
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"error: {data}:1: conversations[1].content: must be a string, found a number")
     assert "Traceback" not in result.stderr
 
 
-def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path):
+def test_bad_data_is_reported_by_line_without_traceback(tiny_model_dir, tmp_path, finetune_in_process):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(BAD_RECORD)
+    assert_bad_record_refused(finetune_in_process(*common_args(tiny_model_dir, str(data), tmp_path / "o")), data)
+
+
+def test_a_user_mistake_exits_2_without_traceback_from_a_real_process(tiny_model_dir, tmp_path):
+    """The in-process tests above see SystemExit; this one sees what a shell sees."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text(BAD_RECORD)
+    assert_bad_record_refused(run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False), data)
+
+
+def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     checkpoint = tmp_path / "prefix"
     PrefixTuningModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8).save_pretrained(str(checkpoint))
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o",
                        "--ptuning_checkpoint", str(checkpoint), "--pre_seq_len", "4")
-    result = run_finetune(*args, check=False)
+    result = finetune_in_process(*args)
     assert result.returncode == 2
     assert ("--pre_seq_len 4 disagrees with the checkpoint" in result.stderr
             and "trained with pre_seq_len 8" in result.stderr)
@@ -62,6 +76,7 @@ def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_sa
 
 # ---- what a run leaves behind ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_json_args_file_full_finetune_outputs(tiny_model_dir, formatted_samples, tmp_path):
     """One .json file stands for all flags; a full run saves a loadable model and its records."""
     from transformers import AutoModelForCausalLM
@@ -96,6 +111,7 @@ def prefix_weights(folder):
     return load_file(os.path.join(folder, "prefix_encoder.safetensors"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_samples, tmp_path):
     output_dir = tmp_path / "pt"
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
@@ -120,15 +136,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_s
     assert state["global_step"] == 6
 
 
-def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_samples, tmp_path):
+def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "4",
                        "--resume_from_checkpoint", str(tmp_path / "missing"), "--max_steps", "1")
-    result = run_finetune(*args, check=False)
+    result = finetune_in_process(*args)
     assert result.returncode == 2 and "not a complete checkpoint folder" in result.stderr
 
 
 @pytest.mark.parametrize("policy", ["drop", "error"])
-def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, formatted_samples, tmp_path, policy):
+def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, formatted_samples, tmp_path, policy,
+                                            finetune_in_process):
     from chatglm3_finetune.encoding import encode_multi_turn
     from chatglm3_finetune.records import read_records
 
@@ -139,7 +156,7 @@ def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, form
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "2",
                        "--max_steps", "1", "--save_strategy", "no", "--truncation_policy", policy)
     args[args.index("--max_seq_length") + 1] = str(cap)
-    result = run_finetune(*args, check=False)
+    result = finetune_in_process(*args)
     if policy == "error":
         assert result.returncode == 2 and "truncation removed supervised targets" in result.stderr
     else:
@@ -149,11 +166,11 @@ def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, form
         assert train_results["train_records"] == len(lengths) - too_long
 
 
-def test_nothing_left_to_train_is_an_error(tiny_model_dir, formatted_samples, tmp_path):
+def test_nothing_left_to_train_is_an_error(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "2",
                        "--max_steps", "1", "--truncation_policy", "drop")
     args[args.index("--max_seq_length") + 1] = "16"
-    result = run_finetune(*args, check=False)
+    result = finetune_in_process(*args)
     assert result.returncode == 2
     assert "no records left to use" in result.stderr and "Traceback" not in result.stderr
 
@@ -163,6 +180,7 @@ def first_losses(output_dir):
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir, formatted_samples, tmp_path):
     runs = {}
     for name, extra in {"targets-only": [], "all-positions": ["--no_loss_on_targets_only"],
@@ -178,3 +196,45 @@ def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir,
                                rtol=1e-4, atol=1e-5)
     assert "Packed 41 records into" in runs["packed"][1]
     assert len(first_losses(runs["packed"][0])) == 2
+
+
+@pytest.mark.slow
+def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(tiny_model_dir, formatted_samples,
+                                                                               tmp_path):
+    """--val_size holds records out of --train_file; --do_eval reports their loss, and with
+    --predict_with_generate the generation metrics on --max_eval_samples of them; the run ends with
+    a summary whose inference command works as printed."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    output_dir = tmp_path / "pt"
+    args = common_args(tiny_model_dir, formatted_samples["input-output"], output_dir, "--pre_seq_len", "2",
+                       "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--val_size", "0.25")
+    args[args.index("multi-turn")] = "input-output"
+    result = run_finetune(*args)
+    out = result.stdout
+    assert "--val_size 0.25: 10 of the 40 records" in out
+    assert json.loads((output_dir / "train_results.json").read_text())["train_records"] == 30
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] > 0
+    summary = out[out.index("==== Run summary"):].splitlines()
+    assert summary[1].startswith(f"train data {formatted_samples['input-output']}: 30 records, 30 used, 0 left out")
+    assert f"eval data {formatted_samples['input-output']} (held out by --val_size): 10 records, 10 used" in "\n".join(summary)
+    assert any(line.startswith("eval: eval_loss ") for line in summary)
+    command = summary[-1].removeprefix("chat with it: ")
+    assert command == f"python inference.py --model {tiny_model_dir} --pt-checkpoint {output_dir}"
+    chat = subprocess.run([sys.executable, *shlex.split(command)[1:], "--prompt", "Hi", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+
+    generated = tmp_path / "gen"
+    args = common_args(tiny_model_dir, formatted_samples["input-output"], generated, "--do_eval", "--val_size", "5",
+                       "--predict_with_generate", "--max_eval_samples", "3",
+                       "--max_target_length", "4")
+    args[args.index("multi-turn")] = "input-output"
+    args.remove("--do_train")
+    run_finetune(*args)
+    metrics = json.loads((generated / "eval_results.json").read_text())
+    assert metrics["eval_num_predictions"] == 3 and "eval_rouge-l" in metrics

@@ -18,7 +18,7 @@ from chatglm3_finetune.tokenizer import load_tokenizer
 from conftest import shared_path
 from chatglm3_finetune.evaluation import build_eval_items, evaluation_stop_token_ids
 from chatglm3_finetune.metrics import generation_metrics
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.collation import DataCollatorForChatGLM
 from chatglm3_finetune.chat_format import Message
 from chatglm3_finetune.encoding import encode_multi_turn, encode_prompt_response
@@ -499,6 +499,9 @@ def test_clear_errors_without_tracebacks(monkeypatch, capsys, tmp_path, tiny_mod
         return err
 
     assert "no such folder" in error_of("--model", str(tmp_path / "missing"))
+    original = str(shared_path("chatglm3-tiny-original", "model"))
+    err = error_of("--model", original)  # remote code: the message names inference's own flag
+    assert "is an original ChatGLM3 checkpoint" in err and "--trust-remote-code" in err and "_remote_" not in err
     assert "no such folder" in error_of("--model", tiny_model_dir, "--pt-checkpoint", str(tmp_path / "nope"))
     err = error_of("--model", tiny_model_dir, "--pt-checkpoint", pt_checkpoint, "--pt-pre-seq-len", "16")
     assert "pre_seq_len 16" in err and "pre_seq_len 4" in err

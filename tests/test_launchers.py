@@ -297,7 +297,7 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
 
     output_dir, _ = request.getfixturevalue(run)
     base_dir = Path(tiny_model_dir)
@@ -451,3 +451,11 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(tiny_model_di
     assert len(two_nodes) == len(one_process) == 3
     assert two_nodes == pytest.approx(one_process, rel=1e-4), (two_nodes, one_process)
     assert one_process[-1] < one_process[0]
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_val_size_holds_out_part_of_the_data_and_evaluates_on_it(name):
+    command = dry_run(name, VAL_SIZE="0.05", SAVE_INTERVAL="50")
+    assert flag_value(command, "--val_size") == "0.05" and "--do_eval" in command
+    assert flag_value(command, "--eval_strategy") == "steps" and flag_value(command, "--eval_steps") == "50"
+    assert "--val_size" not in dry_run(name)

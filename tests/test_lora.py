@@ -74,6 +74,7 @@ def logits_of(model, input_ids):
 
 # ---- training through the launcher ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_launcher_saves_small_adapter_folders(lora_run, tiny_model_dir):
     from trainer import find_resume_checkpoint, is_complete_checkpoint
 
@@ -94,6 +95,7 @@ def test_launcher_saves_small_adapter_folders(lora_run, tiny_model_dir):
     assert find_resume_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
 
 
+@pytest.mark.slow
 def test_only_the_adapters_were_trained(lora_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,6 +114,7 @@ def test_only_the_adapters_were_trained(lora_run, tiny_model_dir):
     assert not torch.allclose(logits_of(loaded, ids), logits_of(base, ids))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_newest_checkpoint_exactly(lora_run, tiny_model_dir, formatted_samples, tmp_path):
     """An interrupted run (only checkpoint-1 left), rerun with the launcher's command (DRY_RUN=1 prints it)
     and the same output folder, ends where the uninterrupted run did."""
@@ -189,6 +192,7 @@ def test_merged_model_gives_the_adapted_logits(tiny_model_dir, tmp_path):
     assert os.path.isfile(os.path.join(merged_dir, "tokenizer.model"))  # the adapter has none: from the base
 
 
+@pytest.mark.slow
 def test_merge_script_end_to_end(lora_run, tiny_model_dir, tmp_path, capsys):
     """The trained adapter (base read from adapter_config.json), saved in bf16; the tokenizer comes along."""
     from peft import PeftModel
@@ -222,7 +226,9 @@ def test_merge_script_errors(tiny_model_dir, tmp_path, capsys):
         (["--adapter", tiny_model_dir, "--output", str(tmp_path / "o2")],
          f"--adapter {tiny_model_dir}: not a LoRA adapter folder (no adapter_config.json)"),
         (["--adapter", str(adapter), "--base", str(tmp_path / "nobase"), "--output", str(tmp_path / "o3")],
-         f"base model {tmp_path / 'nobase'}: no such model folder"),
+         f"base model {tmp_path / 'nobase'}: missing (no such folder)"),
+        (["--adapter", str(adapter), "--base", str(tmp_path), "--output", str(tmp_path / "o3")],
+         f"base model {tmp_path}: not a model folder (no config.json)"),
         (["--adapter", str(adapter), "--base", tiny_model_dir, "--output", str(adapter)],
          "is the base or adapter folder: choose a new folder"),
         (["--adapter", str(adapter), "--base", str(other_base), "--output", str(tmp_path / "o4")],

@@ -4,9 +4,9 @@ import torch
 from transformers import GlmForCausalLM
 
 from chatglm3_finetune.supervised_loss import use_supervised_loss
-from chatglm3_finetune.packing import PackedCollator, pack_features
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
-from chatglm3_finetune.collation import DataCollatorForChatGLM
+from chatglm3_finetune.packing import pack_features
+from chatglm3_finetune.prefix_model import PrefixTuningModel
+from chatglm3_finetune.collation import DataCollatorForChatGLM, PackedCollator
 from chatglm3_finetune.tiny_model import tiny_glm_config
 
 X = -100

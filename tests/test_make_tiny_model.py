@@ -10,7 +10,8 @@ import torch
 from conftest import ROOT
 
 from chatglm3_finetune import make_tiny_model  # noqa: E402
-from chatglm3_finetune.tokenizer import SPECIAL_TOKENS, load_tokenizer  # noqa: E402
+from chatglm3_finetune.chat_format import SPECIAL_TOKENS  # noqa: E402
+from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import torch
 from transformers import GlmForCausalLM
 
 from chatglm3_finetune.packed_attention import PACKED_SDPA, use_packed_sdpa
-from chatglm3_finetune.packing import PackedCollator, pack_features
-from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+from chatglm3_finetune.collation import PackedCollator
+from chatglm3_finetune.packing import pack_features
+from chatglm3_finetune.prefix_model import PrefixTuningModel
 from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss
 from chatglm3_finetune.tiny_model import tiny_glm_config
 from test_packing import VOCAB, random_records, record, unpacked_loss_and_grads

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GlmForCausalLM
 
-from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss
-from chatglm3_finetune.packing import (PackedCollator, attention_mask_for, pack_features, packed_attention_mask,
-                     seq_lens_from_position_ids)
+from chatglm3_finetune.collation import PackedCollator, packed_attention_mask
+from chatglm3_finetune.packing import pack_features, seq_lens_from_position_ids
+from chatglm3_finetune.supervised_loss import attention_mask_for, count_targets, supervised_lm_loss
 from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 512

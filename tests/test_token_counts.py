@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from chatglm3_finetune.collation import DataCollatorForChatGLM
-from chatglm3_finetune.packing import PackedCollator, pack_features
+from chatglm3_finetune.collation import PackedCollator
+from chatglm3_finetune.packing import pack_features
 from chatglm3_finetune.token_counts import input_tokens, real_tokens, supervised_tokens
 from conftest import run_finetune
 from test_finetune import common_args

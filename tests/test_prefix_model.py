@@ -14,8 +14,9 @@ from safetensors import safe_open
 from transformers import DynamicCache, GlmForCausalLM
 
 from conftest import ROOT, shared_path
-from chatglm3_finetune.prefix_tuning import (PREFIX_FORMAT, PrefixCache, PrefixEncoder, PrefixTuningModel, load_prefix_state,
-                           read_prefix_settings)
+from chatglm3_finetune.prefix_cache import PrefixCache
+from chatglm3_finetune.prefix_checkpoint import PREFIX_FORMAT, load_prefix_state, read_prefix_settings
+from chatglm3_finetune.prefix_model import PrefixEncoder, PrefixTuningModel
 from chatglm3_finetune.tiny_model import tiny_glm_config
 
 VOCAB = 128
@@ -458,7 +459,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
     import torch
     import deepspeed
     from transformers import GlmForCausalLM
-    from chatglm3_finetune.prefix_tuning import PrefixTuningModel
+    from chatglm3_finetune.prefix_model import PrefixTuningModel
     from chatglm3_finetune.tiny_model import tiny_glm_config
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -513,6 +514,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_zero3_trains_generates_and_saves_the_prefix(tmp_path):
     pytest.importorskip("deepspeed")
     script = tmp_path / "zero3_prefix.py"
@@ -533,3 +535,24 @@ def test_zero3_trains_generates_and_saves_the_prefix(tmp_path):
     settings, state = load_prefix_state(str(tmp_path / "saved"))
     assert settings["prefix_projection"] and state["embedding.weight"].shape == (3, LAYERS * 2 * KV_HEADS * HEAD_DIM)
     assert state["trans.0.weight"].shape == (64, LAYERS * 2 * KV_HEADS * HEAD_DIM)
+
+
+def test_continuing_an_original_prefix_records_the_base_trained_on(tmp_path):
+    """finetune.py --ptuning_checkpoint ORIGINAL: the saved prefix names the base it was trained on
+    (so inference.py --pt-checkpoint finds it without --model), not the original's own _name_or_path;
+    its weights are saved with the umask's permissions, not safetensors' 0600."""
+    from types import SimpleNamespace
+
+    from chatglm3_finetune.file_modes import current_umask
+    from chatglm3_finetune.model_loading import add_prefix_tuning
+
+    ptuning = shared_path("chatglm3-tiny-original", "ptuning")
+    original_name = read_prefix_settings(str(ptuning))["base_model_name_or_path"]
+    base_path = str(tmp_path / "my-converted-base")
+    assert original_name != base_path
+    model_args = SimpleNamespace(ptuning_checkpoint=str(ptuning), pre_seq_len=None, prefix_dropout=0.0)
+    model = add_prefix_tuning(original_sized_base(), model_args, base_path)
+    model.save_pretrained(str(tmp_path / "continued"))
+    assert read_prefix_settings(str(tmp_path / "continued"))["base_model_name_or_path"] == base_path
+    mode = os.stat(tmp_path / "continued" / "prefix_encoder.safetensors").st_mode & 0o777
+    assert mode == 0o666 & ~current_umask()
