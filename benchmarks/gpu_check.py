@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from chatglm3_finetune.private_api import installed_version
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 65024
 SHAPES = {
@@ -286,6 +288,8 @@ def main(argv=None) -> list[dict]:
         except subprocess.TimeoutExpired:
             results.append({"case": case, "error": f"over {args.timeout} s"})
         print(format_table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    versions = {name: installed_version(name) for name in ("torch", "transformers", "peft", "deepspeed")}
+    print("versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(format_table(results))
     print(json.dumps(results, indent=1))
     if args.json:

@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.sh --dry: every case of the GPU check runs its code path on tiny shapes on the CPU."""
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +14,8 @@ from conftest import ROOT
 def test_gpu_check_dry_runs_every_case_and_prints_table_and_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", "--json", str(out)],
-                         capture_output=True, text=True, timeout=900, cwd=str(ROOT))
+                         capture_output=True, text=True, timeout=900, cwd=str(ROOT),
+                         env={**os.environ, "PYTHON": sys.executable})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = {r["case"]: r for r in json.loads(out.read_text())}
     assert list(results) == ["ptuning", "lora", "packing", "zero3"]  # packing_fa2 only where flash_attn imports
