@@ -1,6 +1,5 @@
 """The preview command (preprocess_utils.py): layout and summary, errors, caps checked as finetune checks them."""
 
-import json
 import subprocess
 import sys
 
@@ -10,27 +9,8 @@ from conftest import ROOT
 from chatglm3_finetune.records import MULTI_TURN, DataError
 from chatglm3_finetune.encoding import LengthLimits, encode_multi_turn, sanity_check_lines
 from preprocess_utils import preview
+from test_records import write, jsonl, GOOD, conv, U, A
 
-
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def jsonl(*records):
-    return "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n"
-
-
-GOOD = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-
-
-def conv(*turns, **extra):
-    return {"conversations": list(turns), **extra}
-
-
-U = {"role": "user", "content": "Hi"}
-A = {"role": "assistant", "content": "Hello"}
 
 
 def test_preview_command_prints_layout_and_summary(tmp_path, real_tokenizer):

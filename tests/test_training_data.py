@@ -1,35 +1,14 @@
 """Tokenized training splits: parallel, cached, truncation counted, records without targets left out."""
 
-import json
-
 import pytest
 
 from chatglm3_finetune.records import MULTI_TURN, DataError
 from chatglm3_finetune.encoding import LengthLimits, encode_multi_turn
 from chatglm3_finetune.training_data import tokenize_records
+from test_records import GOOD, U, A
 
 X = -100
 
-
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-def jsonl(*records):
-    return "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n"
-
-
-GOOD = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-
-
-def conv(*turns, **extra):
-    return {"conversations": list(turns), **extra}
-
-
-U = {"role": "user", "content": "Hi"}
-A = {"role": "assistant", "content": "Hello"}
 
 
 def test_tokenize_records_parallel_cached_and_reported(tmp_path, tiny_tokenizer):
