@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             generation = GenerationEval.from_args(tokenizer, data_args, training_args,
                                                   {name: records[name][1] for name in ("eval", "test") if name in records})
             splits.update({name: (dataset, None) for name, dataset in generation.datasets.items()})
-    except OptionError as e:
-        fail(str(e))
-    except DataError as e:
+    except (OptionError, DataError) as e:
         fail(str(e))
     if "train" in splits and training_args.process_index == 0:
         first = splits["train"][0][0]
