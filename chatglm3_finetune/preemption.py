@@ -76,6 +76,8 @@ class PreemptionSaver(TrainerCallback):
         self._last_save = time.monotonic()
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            return  # stopping on request: a second Ctrl-C during the rest of the shutdown still exits at once
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()

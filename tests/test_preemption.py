@@ -90,8 +90,10 @@ def test_a_second_ctrl_c_exits_at_once(tiny_model_dir, formatted_samples, tmp_pa
     output_dir = tmp_path / "o"
     run = Running([sys.executable, str(ROOT / "finetune.py"), *common_args(
         tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4", "--max_steps", "50",
-        "--save_steps", "1000")])
+        "--save_steps", "1000", "--gradient_accumulation_steps", "40")])
     run.wait_for_logged_steps(1)
+    # 40 micro-batches per optimizer step: the first SIGINT lands mid-step, so the second one comes
+    # while the step is still being finished, before any save
     run.process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     run.process.send_signal(signal.SIGINT)
@@ -103,8 +105,8 @@ def test_a_second_ctrl_c_exits_at_once(tiny_model_dir, formatted_samples, tmp_pa
 def test_save_every_minutes_saves_on_time(tiny_model_dir, formatted_samples, tmp_path):
     output_dir = tmp_path / "o"
     result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
-                                       "--max_steps", "4", "--save_steps", "1000", "--save_every_minutes", "0.001"))
-    assert "(--save_every_minutes 0.001)" in result.stdout + result.stderr
+                                       "--max_steps", "4", "--save_steps", "1000", "--save_every_minutes", "0.00001"))
+    assert "(--save_every_minutes 1e-05)" in result.stdout + result.stderr
     assert len(checkpoints(output_dir)) >= 3
 
 
