@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 RECORD_FILES = ("run_config.json", "loss_curve.png", "train_results.json", "eval_results.json")
 METHOD_NAMES = {"ptuning": "a P-Tuning v2 prefix", "lora": "LoRA adapters", "full": "a fully fine-tuned model"}
+
+
+def python_command() -> str:
+    """The Python that runs this, as a user would type it here (`.venv/bin/python` from the project
+    folder): the printed command then works in a new shell with nothing activated."""
+    relative = os.path.relpath(sys.executable)
+    return shlex.quote(sys.executable if relative.startswith("..") else relative)
 
 
 def inference_command(method: str, output_dir: str, base_model: str) -> str:
     """The inference.py command line that chats with what a run of `method` saved in `output_dir`."""
     output, base = shlex.quote(output_dir), shlex.quote(base_model)
     if method == "ptuning":
-        return f"python inference.py --model {base} --pt-checkpoint {output}"
+        return f"{python_command()} inference.py --model {base} --pt-checkpoint {output}"
     if method == "lora":
-        return f"python inference.py --model {base} --lora {output}"
-    return f"python inference.py --model {output}"
+        return f"{python_command()} inference.py --model {base} --lora {output}"
+    return f"{python_command()} inference.py --model {output}"
 
 
 def format_duration(seconds: float) -> str:

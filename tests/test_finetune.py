@@ -224,7 +224,9 @@ def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(ti
     assert f"eval data {formatted_samples['input-output']} (held out by --val_size): 10 records, 10 used" in "\n".join(summary)
     assert any(line.startswith("eval: eval_loss ") for line in summary)
     command = summary[-1].removeprefix("chat with it: ")
-    assert command == f"python inference.py --model {tiny_model_dir} --pt-checkpoint {output_dir}"
+    python, rest = command.split(" ", 1)
+    assert rest == f"inference.py --model {tiny_model_dir} --pt-checkpoint {output_dir}"
+    assert os.path.samefile(os.path.join(ROOT, python), sys.executable)  # the venv's Python, no bare `python`
     chat = subprocess.run([sys.executable, *shlex.split(command)[1:], "--prompt", "Hi", "--max-new-tokens", "2"],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=120)
     assert chat.returncode == 0, chat.stderr[-2000:]

@@ -5,7 +5,7 @@ import json
 import logging
 
 from arguments import parse_args
-from chatglm3_finetune.run_summary import format_duration, inference_command, summary_lines
+from chatglm3_finetune.run_summary import format_duration, inference_command, python_command, summary_lines
 from chatglm3_finetune.training_data import TruncationReport, load_split
 
 LONG = {"conversations": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "Hello"}]}
@@ -54,7 +54,7 @@ def test_summary_lines_say_what_was_used_and_how_to_use_the_result():
         "eval: eval_loss 1.235",
         "time: 2m 05s",
         "result: output/my run (a P-Tuning v2 prefix)",
-        "chat with it: python inference.py --model models/base --pt-checkpoint 'output/my run'",
+        f"chat with it: {python_command()} inference.py --model models/base --pt-checkpoint 'output/my run'",
     ]
 
 
@@ -66,6 +66,6 @@ def test_summary_names_the_records_beside_the_result(tmp_path):
 
 
 def test_inference_command_per_kind_of_output():
-    assert inference_command("lora", "out", "base") == "python inference.py --model base --lora out"
-    assert inference_command("full", "out", "base") == "python inference.py --model out"
+    assert inference_command("lora", "out", "base") == f"{python_command()} inference.py --model base --lora out"
+    assert inference_command("full", "out", "base") == f"{python_command()} inference.py --model out"
     assert format_duration(3725) == "1h 02m 05s"
