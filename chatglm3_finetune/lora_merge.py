@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import sys
-from pathlib import Path
 
 from .model_loading import DTYPES
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from chatglm3_finetune.conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning
 
