@@ -8,7 +8,7 @@
 
 Endpoints: `POST /v1/chat/completions` (streaming or not, with tools), `GET /v1/models`, `GET /`
 (web/chat.html). Concurrent requests are decoded together (`batched_decoding`); the OpenAI
-protocol and its translation to ChatGLM3 messages live in `chatglm3_finetune.openai_protocol`.
+protocol and its translation to ChatGLM3 messages live in `chatglm3_finetune.serve.openai_protocol`.
 This file is the app (limits, errors, the API key, streaming) and the command line.
 
 Every wait is bounded: the body must arrive within --body-timeout and fit --max-body-bytes (413),
@@ -40,9 +40,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
-from chatglm3_finetune.batched_decoding import BatchedDecoder, GenerationJob, Progress, QueueFull, Sampling
-from chatglm3_finetune.chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
-from chatglm3_finetune.openai_protocol import (ChatCompletionRequest, ProtocolError, StreamedReply, completion_id,
+from chatglm3_finetune.serve.batched_decoding import BatchedDecoder, GenerationJob, Progress, QueueFull, Sampling
+from chatglm3_finetune.serve.chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
+from chatglm3_finetune.serve.openai_protocol import (ChatCompletionRequest, ProtocolError, StreamedReply, completion_id,
                                                completion_message, error_body, parse_chat_request, usage)
 
 logger = logging.getLogger("api_server")
@@ -499,8 +499,8 @@ def served_model_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from chatglm3_finetune.chat_engine import load_chat_model
-    from chatglm3_finetune.model_loading import ModelLoadError
+    from chatglm3_finetune.serve.chat_engine import load_chat_model
+    from chatglm3_finetune.model.loading import ModelLoadError
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from chatglm3_finetune.data_formats import FIXED_RECORD_FORMAT
-from chatglm3_finetune.encoding import TRUNCATION_POLICIES, length_cap_problem
-from chatglm3_finetune.records import TRAIN_FORMATS
-from chatglm3_finetune.splitting import SplitError, check_val_size
-from chatglm3_finetune.training_data import caps_to_check, length_limits, max_sequence_length
-from chatglm3_finetune.model_loading import DTYPES
+from chatglm3_finetune.data.formats import FIXED_RECORD_FORMAT
+from chatglm3_finetune.data.encoding import TRUNCATION_POLICIES, length_cap_problem
+from chatglm3_finetune.data.records import TRAIN_FORMATS
+from chatglm3_finetune.data.splitting import SplitError, check_val_size
+from chatglm3_finetune.data.training_data import caps_to_check, length_limits, max_sequence_length
+from chatglm3_finetune.model.loading import DTYPES
 
-from chatglm3_finetune.supervised_loss import DEFAULT_CHUNK_SIZE
+from chatglm3_finetune.train.supervised_loss import DEFAULT_CHUNK_SIZE
 TORCH_DTYPES = ("auto", *DTYPES)
 PACKING_ATTENTION = (None, "sdpa", "packed_sdpa", "flash_attention_2")
 
@@ -113,7 +113,7 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N validation records"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "use only the first N test records"})
 
-    # multi-turn or input-output: what the data became, set when it is read (data_formats.record_format_of)
+    # multi-turn or input-output: what the data became, set when it is read (formats.record_format_of)
     resolved_format: str | None = field(default=None, init=False)
 
     @property
@@ -355,7 +355,7 @@ def check_safety_options(training_args) -> None:
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:
-    from chatglm3_finetune.prefix_checkpoint import read_prefix_settings
+    from chatglm3_finetune.model.ptuning.prefix_checkpoint import read_prefix_settings
 
     try:
         settings = read_prefix_settings(model_args.ptuning_checkpoint)

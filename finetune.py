@@ -26,21 +26,21 @@ import transformers  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from arguments import OptionError, check_fits_model_context, check_options, parse_args  # noqa: E402
-from chatglm3_finetune.collation import build_collator  # noqa: E402
-from chatglm3_finetune.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
-from chatglm3_finetune.encoding import print_sanity_check  # noqa: E402
-from chatglm3_finetune.model_loading import ModelLoadError, load_for_training  # noqa: E402
-from chatglm3_finetune.output_folder import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError,  # noqa: E402
+from chatglm3_finetune.data.collation import build_collator  # noqa: E402
+from chatglm3_finetune.train.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
+from chatglm3_finetune.data.encoding import print_sanity_check  # noqa: E402
+from chatglm3_finetune.model.loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.train.output_folder import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError,  # noqa: E402
                                              check_writable, start_over)
-from chatglm3_finetune.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
-from chatglm3_finetune.private_api import UntestedVersionError, check_versions  # noqa: E402
-from chatglm3_finetune.packed_attention import packing_attention  # noqa: E402
-from chatglm3_finetune.records import DataError  # noqa: E402
-from chatglm3_finetune.run_record import ResumeRefused, mark_finished, plan_run, trained_settings  # noqa: E402
-from chatglm3_finetune.supervised_loss import use_supervised_loss  # noqa: E402
-from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
-from chatglm3_finetune.run_summary import summary_lines  # noqa: E402
-from chatglm3_finetune.training_data import (  # noqa: E402
+from chatglm3_finetune.train.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
+from chatglm3_finetune.compat import UntestedVersionError, check_versions  # noqa: E402
+from chatglm3_finetune.model.packed_attention import packing_attention  # noqa: E402
+from chatglm3_finetune.data.records import DataError  # noqa: E402
+from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, plan_run, trained_settings  # noqa: E402
+from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
+from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
+from chatglm3_finetune.data.training_data import (  # noqa: E402
     caps_text, length_limits, load_split, pack_dataset, read_split_records,
 )
 
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 splits[name] = load_split(source, None, tokenizer, data_args, training_args, descriptions[name],
                                           records=split_records)
         if generating:  # prompt-only splits, scored with ROUGE/BLEU (+ tool calls) in evaluation.py
-            from chatglm3_finetune.evaluation import GenerationEval
+            from chatglm3_finetune.evaluate.evaluation import GenerationEval
 
             generation = GenerationEval.from_args(tokenizer, data_args, training_args,
                                                   {name: records[name][1] for name in ("eval", "test") if name in records})

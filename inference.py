@@ -30,13 +30,13 @@ import logging
 import os
 import sys
 
-from chatglm3_finetune.chat_parsing import AssistantReply
+from chatglm3_finetune.format.chat_parsing import AssistantReply
 
-from chatglm3_finetune.chat_format import render_interpreter_code, render_tool_call
-from chatglm3_finetune.model_loading import ModelLoadError
-from chatglm3_finetune.private_api import UntestedVersionError
-from chatglm3_finetune.records import DataError
-from chatglm3_finetune.chat_format import Message, tools_system_prompt
+from chatglm3_finetune.format.chat_format import render_interpreter_code, render_tool_call
+from chatglm3_finetune.model.loading import ModelLoadError
+from chatglm3_finetune.compat import UntestedVersionError
+from chatglm3_finetune.data.records import DataError
+from chatglm3_finetune.format.chat_format import Message, tools_system_prompt
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -137,7 +137,7 @@ def reply_text(reply: AssistantReply) -> str:
 def stream_reply(chat, history: list[Message], options: dict, out):
     """Generates the next reply (a chat_engine.ChatReply); its first message streams to `out` when it
     is a plain answer, calls (and any later messages) are shown once complete."""
-    from chatglm3_finetune.chat_engine import ChatReply, MetadataSplitter
+    from chatglm3_finetune.serve.chat_engine import ChatReply, MetadataSplitter
 
     out.write("Assistant: ")
     out.flush()
@@ -228,7 +228,7 @@ def answer_prompt(chat, start: list[Message], prompt: str, options: dict) -> int
 def generate_texts(chat, prompts: list[list[int]], batch_size: int, options: dict) -> list[str]:
     """Generated text per prompt, in batches of similar lengths (less padding), in input order.
     Each text is one message: generation stops at `<|assistant|>` too (see evaluation_stop_token_ids)."""
-    from chatglm3_finetune.evaluation import evaluation_stop_token_ids
+    from chatglm3_finetune.evaluate.evaluation import evaluation_stop_token_ids
 
     stops = evaluation_stop_token_ids(chat.tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
@@ -244,7 +244,7 @@ def generate_texts(chat, prompts: list[list[int]], batch_size: int, options: dic
 
 def evaluate_file(chat, train_format: str, records: list[dict], output: str, batch_size: int,
                   max_source_length: int, options: dict) -> dict:
-    from chatglm3_finetune.evaluation import build_eval_items, prediction_rows, score_items, write_jsonl
+    from chatglm3_finetune.evaluate.evaluation import build_eval_items, prediction_rows, score_items, write_jsonl
 
     items = build_eval_items(chat.tokenizer, records, train_format, max_source_length)
     texts = generate_texts(chat, [item.prompt_ids for item in items], batch_size, options)
@@ -269,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tools = read_tools(args.tools) if args.tools else None
         if args.input:
-            from chatglm3_finetune.evaluation import read_eval_records
+            from chatglm3_finetune.evaluate.evaluation import read_eval_records
 
             if os.path.abspath(args.input) == os.path.abspath(args.output):
                 raise DataError("--output must not be the --input file")
             data = read_eval_records(args.input, args.split)
             print(data.describe(), file=sys.stderr, flush=True)
             train_format, records = data.record_format, [record for _, record in data.records]
-        from chatglm3_finetune.chat_engine import load_chat_model
+        from chatglm3_finetune.serve.chat_engine import load_chat_model
 
         chat = load_chat_model(args.model, args.tokenizer, args.pt_checkpoint, args.pt_pre_seq_len, args.lora,
                                args.device, args.dtype, args.trust_remote_code)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from chatglm3_finetune.collation import DataCollatorForChatGLM  # noqa: F401
-from chatglm3_finetune.encoding import (  # noqa: F401
+from chatglm3_finetune.data.collation import DataCollatorForChatGLM  # noqa: F401
+from chatglm3_finetune.data.encoding import (  # noqa: F401
     IGNORE_INDEX, TRUNCATION_POLICIES, EncodedRecord, LengthLimits, encode_multi_turn, encode_prompt_response,
     encode_record, length_cap_problem, print_sanity_check, sanity_check_lines,
 )
-from chatglm3_finetune.records import (  # noqa: F401
+from chatglm3_finetune.data.records import (  # noqa: F401
     INPUT_OUTPUT, MULTI_TURN, TRAIN_FORMATS, DataError, read_records, validate_records, write_jsonl,
 )
-from chatglm3_finetune.data_formats import load_data
-from chatglm3_finetune.tokenizer import load_tokenizer
-from chatglm3_finetune.training_data import (  # noqa: F401
+from chatglm3_finetune.data.formats import load_data
+from chatglm3_finetune.format.tokenizer import load_tokenizer
+from chatglm3_finetune.data.training_data import (  # noqa: F401
     TruncationReport, caps_text, tokenize_records, truncation_report,
 )
 

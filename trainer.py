@@ -18,16 +18,16 @@ import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer_pt_utils import nested_gather
 
-from chatglm3_finetune.checkpoint_folders import holds_weights
-from chatglm3_finetune.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
-from chatglm3_finetune.file_modes import respect_umask
-from chatglm3_finetune.output_folder import write_failed
-from chatglm3_finetune.preemption import PreemptionSaver
-from chatglm3_finetune.prefix_model import PrefixTuningModel
-from chatglm3_finetune.private_api import (declare_causal_label_shift, require_trainer_hooks,
+from chatglm3_finetune.model.checkpoint_folders import holds_weights
+from chatglm3_finetune.train.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
+from chatglm3_finetune.train.file_modes import respect_umask
+from chatglm3_finetune.train.output_folder import write_failed
+from chatglm3_finetune.train.preemption import PreemptionSaver
+from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
+from chatglm3_finetune.compat import (declare_causal_label_shift, require_trainer_hooks,
                                            trainer_generation_kwargs, trainer_prepare_inputs,
                                            training_args_file_name)
-from chatglm3_finetune.token_counts import input_tokens, supervised_tokens
+from chatglm3_finetune.train.token_counts import input_tokens, supervised_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: tota
 class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint", "_get_grad_norm", "_save_checkpoint",
                                           "_load_callback_state", "_load_optimizer_and_scheduler",
                                           "_track_num_input_tokens")):
-    """The loss contract: models declare `accepts_loss_kwargs` (supervised_loss.SupervisedLossSwitch)
+    """The loss contract: models declare `accepts_loss_kwargs` (loss_switch.SupervisedLossSwitch)
     and every model kind's targets are counted with the causal label shift, here and in the
     Trainer's `num_items_in_batch` (`count_targets`)."""
 
@@ -79,7 +79,7 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
         self.divergence_guard.observe_grad_norm(grad_norm)
         return grad_norm
 
-    # ---- token accounting (chatglm3_finetune.token_counts) -------------------------------------
+    # ---- token accounting (chatglm3_finetune.train.token_counts) -------------------------------------
 
     def _track_num_input_tokens(self, inputs):
         """Every training micro-batch: input tokens (real ones unless --include_num_input_tokens_seen all)
@@ -165,7 +165,7 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
         if not self.args.predict_with_generate:
             yield
             return
-        from chatglm3_finetune.collation import GenerationCollator
+        from chatglm3_finetune.data.collation import GenerationCollator
 
         training_collator, self.data_collator = self.data_collator, GenerationCollator(self.processing_class.pad_token_id)
         try:
@@ -176,7 +176,7 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self.args.predict_with_generate or prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        from chatglm3_finetune.evaluation import generate_new_tokens
+        from chatglm3_finetune.evaluate.evaluation import generate_new_tokens
 
         inputs = trainer_prepare_inputs(self, inputs)
         options = {**trainer_generation_kwargs(self), **gen_kwargs}

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from chatglm3_finetune.chat_engine import ChatModel  # noqa: E402
-from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
-from chatglm3_finetune.chat_format import Message  # noqa: E402
+from chatglm3_finetune.serve.chat_engine import ChatModel  # noqa: E402
+from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.format.chat_format import Message  # noqa: E402
 
 QUESTIONS = [
     "What is the weather in Paris?",
@@ -38,11 +38,11 @@ QUESTIONS = [
 def load_models(args):
     from transformers import GlmForCausalLM
 
-    from chatglm3_finetune.prefix_model import PrefixTuningModel
+    from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
 
     folder = args.model
     if folder is None:
-        from chatglm3_finetune.tiny_model import build_tiny_model
+        from chatglm3_finetune.model.tiny_model import build_tiny_model
 
         folder = build_tiny_model(tempfile.mkdtemp(prefix="bench-generate-"), hidden_size=args.hidden,
                                   num_layers=args.layers, intermediate_size=2 * args.hidden)

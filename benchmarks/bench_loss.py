@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from chatglm3_finetune.encoding import IGNORE_INDEX  # noqa: E402
-from chatglm3_finetune.supervised_loss import count_targets, supervised_lm_loss  # noqa: E402
-from chatglm3_finetune.tiny_model import tiny_glm_config  # noqa: E402
+from chatglm3_finetune.data.encoding import IGNORE_INDEX  # noqa: E402
+from chatglm3_finetune.train.supervised_loss import count_targets, supervised_lm_loss  # noqa: E402
+from chatglm3_finetune.model.tiny_model import tiny_glm_config  # noqa: E402
 
 VARIANTS = {  # chunk_size None stands for --chunk-size
     "full logits (HF labels=)": {},

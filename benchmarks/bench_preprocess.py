@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
-from chatglm3_finetune.tokenizer import load_tokenizer  # noqa: E402
-from chatglm3_finetune.advertise_gen import convert_advertise_gen  # noqa: E402
-from chatglm3_finetune.tool_alpaca import convert_tool_alpaca  # noqa: E402
-from chatglm3_finetune.data_formats import load_data
-from chatglm3_finetune.records import INPUT_OUTPUT, MULTI_TURN
-from chatglm3_finetune.encoding import LengthLimits
-from chatglm3_finetune.training_data import tokenize_records
+from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
+from chatglm3_finetune.data.converters.advertise_gen import convert_advertise_gen  # noqa: E402
+from chatglm3_finetune.data.converters.tool_alpaca import convert_tool_alpaca  # noqa: E402
+from chatglm3_finetune.data.formats import load_data
+from chatglm3_finetune.data.records import INPUT_OUTPUT, MULTI_TURN
+from chatglm3_finetune.data.encoding import LengthLimits
+from chatglm3_finetune.data.training_data import tokenize_records
 
 
 def formatted_files(tmp: Path) -> dict:

@@ -46,10 +46,10 @@ def build_chat_tuned_tiny_model(out_dir: str, steps: int, seed: int = 0) -> str:
     import torch
     from transformers import GlmForCausalLM
 
-    from chatglm3_finetune.tokenizer import load_tokenizer
-    from chatglm3_finetune.collation import DataCollatorForChatGLM
-    from chatglm3_finetune.encoding import encode_multi_turn
-    from chatglm3_finetune.tiny_model import build_tiny_model
+    from chatglm3_finetune.format.tokenizer import load_tokenizer
+    from chatglm3_finetune.data.collation import DataCollatorForChatGLM
+    from chatglm3_finetune.data.encoding import encode_multi_turn
+    from chatglm3_finetune.model.tiny_model import build_tiny_model
 
     records = sample_records()
     texts = [turn["content"] for record in records for turn in record["conversations"]]

@@ -18,9 +18,6 @@ Modes (each is a finetune.py command line; the table's rows):
   packing              several records per row (--packing): one padding-free row per batch,
                        attention per record (packed_sdpa; flash_attention_2 when asked for),
                        rows of min(cap, 2048) tokens, output layer in chunks of 4096 targets
-  packing_4d_mask      the packed path before it (kept to compare): rows padded to a common
-                       length with a dense block-diagonal 4D mask through sdpa, rows as long as
-                       the cap, output-layer chunks of 1024 targets (the child builds it)
   packing_workers      packing with collation in a dataloader worker (--dataloader_num_workers 1)
   packing_compiled     packing with torch.compile of the model (--torch_compile; not in the default
                        set: compiling takes minutes on 2 CPU cores, and the warm-up step absorbs it)
@@ -95,13 +92,10 @@ MODES = {
     "dynamic": [],
     "grouped": ["--train_sampling_strategy", "group_by_length"],  # transformers 5: was --group_by_length
     "packing": ["--packing"],
-    "packing_4d_mask": ["--packing"],  # + LEGACY_PACKING in the child
     "packing_workers": ["--packing", "--dataloader_num_workers", "1"],
     "packing_compiled": ["--packing", "--torch_compile"],
 }
-DEFAULT_MODES = ["reference", "dynamic_full_logits", "dynamic", "grouped", "packing", "packing_4d_mask",
-                 "packing_workers"]
-LEGACY_PACKING = {"mode": "packing_4d_mask", "loss_chunk_size": 1024}  # the packed path of round 1
+DEFAULT_MODES = ["reference", "dynamic_full_logits", "dynamic", "grouped", "packing", "packing_workers"]
 DATASETS = {  # name: (source file under ../shared/data, train format, length flags)
     "toolalpaca": ("toolalpaca/train_sample.json", "multi-turn", ["--max_seq_length", "2048"]),
     "advertisegen": ("advertisegen/dev.json", "input-output", ["--max_source_length", "1024", "--max_target_length", "128"]),
@@ -120,8 +114,8 @@ SEED = 42
 
 def write_formatted_data(name: str, out_dir: Path) -> Path:
     """The data set through the project's converter, as finetune.py reads it (JSON lines)."""
-    from chatglm3_finetune.advertise_gen import convert_advertise_gen
-    from chatglm3_finetune.tool_alpaca import convert_tool_alpaca
+    from chatglm3_finetune.data.converters.advertise_gen import convert_advertise_gen
+    from chatglm3_finetune.data.converters.tool_alpaca import convert_tool_alpaca
 
     source = SHARED / DATASETS[name][0]
     if not source.is_file():
@@ -140,7 +134,7 @@ def build_model(name: str, out_dir: Path) -> Path:
     import torch
     from transformers import GlmForCausalLM
 
-    from chatglm3_finetune.tiny_model import tiny_glm_config
+    from chatglm3_finetune.model.tiny_model import tiny_glm_config
 
     config = tiny_glm_config(CHATGLM3_VOCAB, max_positions=4096, **MODELS[name])
     torch.manual_seed(SEED)
@@ -169,11 +163,9 @@ def finetune_argv(args, mode: str, model_dir: Path, data_path: Path, work_dir: P
         argv.append("--gradient_checkpointing")
     if args.max_train_samples:
         argv += ["--max_train_samples", str(args.max_train_samples)]
-    if args.loss_chunk_size and mode != LEGACY_PACKING["mode"]:
+    if args.loss_chunk_size:
         argv += ["--loss_chunk_size", str(args.loss_chunk_size)]
-    if mode == LEGACY_PACKING["mode"]:
-        argv += ["--loss_chunk_size", str(LEGACY_PACKING["loss_chunk_size"])]
-    elif args.pack_length and "--packing" in MODES[mode]:
+    if args.pack_length and "--packing" in MODES[mode]:
         argv += ["--packing_row_length", str(args.pack_length)]
     return argv
 
@@ -337,8 +329,8 @@ class BatchRecorder:
         self.collator = collator
 
     def __call__(self, features):
-        from chatglm3_finetune.supervised_loss import count_targets
-        from chatglm3_finetune.packing import seq_lens_from_position_ids
+        from chatglm3_finetune.train.supervised_loss import count_targets
+        from chatglm3_finetune.data.packing import seq_lens_from_position_ids
 
         batch = self.collator(features)
         records = []
@@ -521,19 +513,16 @@ def current_rss_mb() -> float:
 
 def run_mode(spec: dict) -> dict:
     """Trains one mode as finetune.main does (without saving) and writes its measurements to spec["result"]."""
-    import datasets
     import torch
     from transformers import set_seed
 
     from arguments import check_options, parse_args
-    from chatglm3_finetune.tokenizer import load_tokenizer
-    from chatglm3_finetune.collation import build_collator
-    from chatglm3_finetune.model_loading import load_for_training
-    from chatglm3_finetune.packed_attention import packing_attention
-    from chatglm3_finetune.collation import PackedCollator
-    from chatglm3_finetune.packing import pack_features
-    from chatglm3_finetune.supervised_loss import use_supervised_loss
-    from chatglm3_finetune.training_data import load_split, max_sequence_length, pack_dataset
+    from chatglm3_finetune.format.tokenizer import load_tokenizer
+    from chatglm3_finetune.data.collation import build_collator
+    from chatglm3_finetune.model.loading import load_for_training
+    from chatglm3_finetune.model.packed_attention import packing_attention
+    from chatglm3_finetune.train.loss_switch import use_supervised_loss
+    from chatglm3_finetune.data.training_data import load_split, pack_dataset
     from finetune import setup_logging
     from trainer import ChatGLMTrainer
 
@@ -548,15 +537,10 @@ def run_mode(spec: dict) -> dict:
     tokenizer = load_tokenizer(model_args.tokenizer_name)
     train_dataset, _ = load_split(data_args.train_file, data_args.max_train_samples, tokenizer, data_args,
                                   training_args, "training")
-    legacy = spec["mode"] == LEGACY_PACKING["mode"]
-    if legacy:  # rows as long as the cap, a dense 4D mask through plain sdpa
-        train_dataset = datasets.Dataset.from_list(pack_features(train_dataset.to_list(), max_sequence_length(data_args)))
-        collator = PackedCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
-    else:
-        if data_args.packing:
-            train_dataset = pack_dataset(train_dataset, data_args)
-            model_args.attn_implementation = packing_attention(model_args.attn_implementation)
-        collator = build_collator(tokenizer, data_args)
+    if data_args.packing:
+        train_dataset = pack_dataset(train_dataset, data_args)
+        model_args.attn_implementation = packing_attention(model_args.attn_implementation)
+    collator = build_collator(tokenizer, data_args)
     model = load_for_training(model_args, training_args)
     if data_args.loss_on_targets_only:
         use_supervised_loss(model, chunk_size=data_args.loss_chunk_size)
@@ -621,7 +605,6 @@ def run_mode(spec: dict) -> dict:
         "load_average": os.getloadavg()[0], "load_average_before": load_before,
         "threads": torch.get_num_threads(), "device": device, "dtype": spec["dtype"],
         "method": model_args.tuning_method, "model_shape": shape, "finetune_args": spec["argv"],
-        "legacy_packing": spec["mode"] == LEGACY_PACKING["mode"],
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=1))
     return result

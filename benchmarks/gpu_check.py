@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from chatglm3_finetune.private_api import installed_version
+from chatglm3_finetune.compat import installed_version
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 65024
@@ -86,8 +86,8 @@ def build_model(shape: str, attention: str, dtype, device: str, sharded: bool = 
     import torch
     from transformers import GlmForCausalLM
 
-    from chatglm3_finetune.packed_attention import use_packed_sdpa
-    from chatglm3_finetune.tiny_model import tiny_glm_config
+    from chatglm3_finetune.model.packed_attention import use_packed_sdpa
+    from chatglm3_finetune.model.tiny_model import tiny_glm_config
 
     config = tiny_glm_config(VOCAB, max_positions=4096, **SHAPES[shape])
     config._attn_implementation = use_packed_sdpa() if attention == "packed_sdpa" else attention
@@ -119,7 +119,7 @@ def prepare(case: str, dry: bool):
     """(step function, the model, its method) for one case."""
     import torch
 
-    from chatglm3_finetune.supervised_loss import use_supervised_loss
+    from chatglm3_finetune.train.loss_switch import use_supervised_loss
 
     shape, method, _, attention = CASES[case]
     shape = "tiny" if dry else shape
@@ -130,7 +130,9 @@ def prepare(case: str, dry: bool):
         import deepspeed
         import transformers.models.glm.modeling_glm  # noqa: F401  (imported inside zero.Init, torch._dynamo breaks)
 
-        from chatglm3_finetune import packed_attention, tiny_model  # noqa: F401
+        from chatglm3_finetune.model import packed_attention
+
+        from chatglm3_finetune.model import tiny_model  # noqa: F401
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
@@ -154,7 +156,7 @@ def prepare(case: str, dry: bool):
         return step, model, method
     base = build_model(shape, attention, dtype, device)
     if method == "ptuning":
-        from chatglm3_finetune.prefix_model import PrefixTuningModel
+        from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
 
         model = PrefixTuningModel(base, 4 if dry else PRE_SEQ_LEN)
         lr = 2e-2
@@ -185,8 +187,8 @@ def prepare(case: str, dry: bool):
 def run_case(case: str, dry: bool, warmup: int, steps: int) -> dict:
     import torch
 
-    from chatglm3_finetune.collation import PackedCollator
-    from chatglm3_finetune.packing import pack_features
+    from chatglm3_finetune.data.collation import PackedCollator
+    from chatglm3_finetune.data.packing import pack_features
 
     bench = bench_train()
     _, method, packed, _ = CASES[case]
@@ -195,7 +197,7 @@ def run_case(case: str, dry: bool, warmup: int, steps: int) -> dict:
     step, model, method = prepare(case, dry)
     records = synthetic_records(seq_len, packed)
     if packed:
-        batch = PackedCollator(padding_free=True)(pack_features(records, seq_len))
+        batch = PackedCollator()(pack_features(records, seq_len))
     else:
         batch = {"input_ids": torch.tensor([records[0]["input_ids"]]), "labels": torch.tensor([records[0]["labels"]]),
                  "attention_mask": torch.ones(1, seq_len, dtype=torch.long)}

@@ -6,7 +6,7 @@
 # About 3-5 minutes on one 80-141 GB GPU; each case is limited to 300 s. Nothing is downloaded.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --dry           # tiny shapes on the CPU (what tests/test_gpu_check.py runs)
+#   bash benchmarks/gpu_check.sh --dry           # tiny shapes on the CPU (what tests/benchmarks/test_gpu_check.py runs)
 #   bash benchmarks/gpu_check.sh --cases ptuning lora
 #
 # Wheels to bring (the GPU machine has torch 2.11+cu130, transformers 5.17, accelerate, peft, safetensors,
@@ -31,7 +31,7 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # The GPU machine keeps its own CUDA torch (2.11), not the pinned 2.13: the private-API version check
-# (chatglm3_finetune/private_api.py) then warns instead of stopping; the table reports the versions.
+# (chatglm3_finetune/compat.py) then warns instead of stopping; the table reports the versions.
 export CHATGLM3_FT_ALLOW_UNTESTED=1
 json_args=()
 if [ -n "${OUT:-}" ]; then json_args=(--json "$OUT/gpu_check.json"); fi

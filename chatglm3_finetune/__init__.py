@@ -1,6 +1,12 @@
-"""The ChatGLM3 fine-tuning library: the tokenizer, the conversation format, data encoding and
-collation, P-Tuning v2, the targets-only loss, model loading and conversion, generation, metrics,
-and the one module that touches private library APIs (private_api, version-checked).
+"""The ChatGLM3 fine-tuning library, one subpackage per concern:
+
+- `format`: the ChatGLM3 tokenizer and the conversation format (the one contract every part shares);
+- `data`: records in, training batches out (read, validate, convert formats, encode, cache, pack, collate);
+- `model`: loading, attention, checkpoint folders, conversion, LoRA merge; `model.ptuning` for P-Tuning v2;
+- `train`: the targets-only loss, token counts, and what keeps runs safe;
+- `serve`: the chat engine, batched decoding, the OpenAI protocol;
+- `evaluate`: generation-based evaluation and its metrics;
+- `compat`: every use of a private library API, behind a version check.
 
 The top-level files (finetune.py, inference.py, api_server.py, ...) are what users run; they
 import this package, never the other way round.

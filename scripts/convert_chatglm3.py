@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from chatglm3_finetune.conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning
+from chatglm3_finetune.model.conversion import DTYPES, ConversionError, convert_checkpoint, convert_ptuning
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,7 +25,7 @@
 #                    run as its modules, so nothing depends on PATH
 # How the processes start:
 #   NUM_GPUS=1 (and one node): one plain Python process, its exit code and messages as they are.
-#   NUM_GPUS=N > 1: N workers on this machine through torchrun (chatglm3_finetune.launch_workers).
+#   NUM_GPUS=N > 1: N workers on this machine through torchrun (chatglm3_finetune.train.launch_workers).
 #   NNODES=M > 1, NODE_RANK, MASTER_ADDR, MASTER_PORT (default 29500), run on every node (or under
 #   SLURM: `srun --ntasks-per-node=1 bash scripts/...`, which fills them from SLURM_NNODES,
 #   SLURM_NODEID and the first host of SLURM_JOB_NODELIST): torchrun across the nodes, no ssh.
@@ -112,10 +112,10 @@ set_process_launcher() {
         if [ -n "${MASTER_PORT:-}" ]; then LAUNCHER+=(--master_port "$MASTER_PORT"); fi
     elif [ "$NNODES" -gt 1 ]; then
         [ -n "${MASTER_ADDR:-}" ] || fail "NNODES=$NNODES needs MASTER_ADDR (the address of the node with NODE_RANK=0)"
-        LAUNCHER=("$PYTHON" -m chatglm3_finetune.launch_workers --nnodes="$NNODES" --node_rank="$NODE_RANK"
+        LAUNCHER=("$PYTHON" -m chatglm3_finetune.train.launch_workers --nnodes="$NNODES" --node_rank="$NODE_RANK"
                   --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" --nproc_per_node="$NUM_GPUS")
     elif [ "$NUM_GPUS" -gt 1 ]; then
-        LAUNCHER=("$PYTHON" -m chatglm3_finetune.launch_workers --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS")
+        LAUNCHER=("$PYTHON" -m chatglm3_finetune.train.launch_workers --standalone --nnodes=1 --nproc_per_node="$NUM_GPUS")
     elif [[ " ${EXTRA[*]} $* " == *" --deepspeed "* ]]; then
         # DeepSpeed needs the variables torchrun would set, even for one process.
         LAUNCHER=(env RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"

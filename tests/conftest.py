@@ -25,7 +25,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def real_tokenizer():
-    from chatglm3_finetune.tokenizer import load_tokenizer
+    from chatglm3_finetune.format.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_path("chatglm3-tokenizer")))
 
@@ -33,14 +33,14 @@ def real_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny GlmForCausalLM + ChatGLM3-layout tokenizer on disk (random weights)."""
-    from chatglm3_finetune.tiny_model import build_tiny_model
+    from chatglm3_finetune.model.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-chatglm3")))
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from chatglm3_finetune.tokenizer import load_tokenizer
+    from chatglm3_finetune.format.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -50,7 +50,8 @@ def formatted_samples(tmp_path_factory):
     """The bundled samples through the two converters: {"multi-turn": path, "input-output": path}.
     In-process (the converter scripts are thin wrappers over these mains, tested as processes in
     test_converters.py)."""
-    from chatglm3_finetune import advertise_gen, tool_alpaca
+    from chatglm3_finetune.data.converters import advertise_gen
+    from chatglm3_finetune.data.converters import tool_alpaca
 
     out = tmp_path_factory.mktemp("formatted_data")
     tool = out / "tool_alpaca.jsonl"

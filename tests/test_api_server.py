@@ -29,11 +29,11 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from api_server import (ServerLimits, create_app, main, parse_args, served_model_name,  # noqa: E402
                         server_limits)
-from chatglm3_finetune.openai_protocol import (StreamedReply, assistant_message,  # noqa: E402
+from chatglm3_finetune.serve.openai_protocol import (StreamedReply, assistant_message,  # noqa: E402
                                                openai_messages_to_chatglm as chat_messages)
-from chatglm3_finetune.chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
-from chatglm3_finetune.chat_format import render_tool_call  # noqa: E402
-from chatglm3_finetune.chat_format import Message, build_chat_input, tools_system_prompt  # noqa: E402
+from chatglm3_finetune.serve.chat_engine import ChatModel, load_chat_model, split_reply  # noqa: E402
+from chatglm3_finetune.format.chat_format import render_tool_call  # noqa: E402
+from chatglm3_finetune.format.chat_format import Message, build_chat_input, tools_system_prompt  # noqa: E402
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "getCurrentWeather", "description": "Get the current weather of a city.",

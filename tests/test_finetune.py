@@ -61,7 +61,7 @@ def test_a_user_mistake_exits_2_without_traceback_from_a_real_process(tiny_model
 def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_model import PrefixTuningModel
+    from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
 
     checkpoint = tmp_path / "prefix"
     PrefixTuningModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 8).save_pretrained(str(checkpoint))
@@ -146,8 +146,8 @@ def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_sam
 @pytest.mark.parametrize("policy", ["drop", "error"])
 def test_truncation_policy_reaches_the_data(tiny_model_dir, tiny_tokenizer, formatted_samples, tmp_path, policy,
                                             finetune_in_process):
-    from chatglm3_finetune.encoding import encode_multi_turn
-    from chatglm3_finetune.records import read_records
+    from chatglm3_finetune.data.encoding import encode_multi_turn
+    from chatglm3_finetune.data.records import read_records
 
     lengths = sorted(len(encode_multi_turn(tiny_tokenizer, record).input_ids)
                      for _, record in read_records(formatted_samples["multi-turn"]))

@@ -38,10 +38,10 @@ def program_flags(name: str) -> set[str]:
     if name == "convert":
         return help_flags(runpy.run_path(str(ROOT / "scripts" / "convert_chatglm3.py"))["parse_args"])
     module, function = {"inference": ("inference", "parse_args"), "server": ("api_server", "parse_args"),
-                        "preview": ("preprocess_utils", "main"), "merge": ("chatglm3_finetune.lora_merge", "main"),
-                        "tiny model": ("chatglm3_finetune.make_tiny_model", "main"),
-                        "advertise_gen": ("chatglm3_finetune.advertise_gen", "main"),
-                        "tool_alpaca": ("chatglm3_finetune.tool_alpaca", "main")}[name]
+                        "preview": ("preprocess_utils", "main"), "merge": ("chatglm3_finetune.model.lora_merge", "main"),
+                        "tiny model": ("chatglm3_finetune.model.make_tiny_model", "main"),
+                        "advertise_gen": ("chatglm3_finetune.data.converters.advertise_gen", "main"),
+                        "tool_alpaca": ("chatglm3_finetune.data.converters.tool_alpaca", "main")}[name]
     return help_flags(getattr(importlib.import_module(module), function))
 
 
@@ -56,28 +56,28 @@ def finetune_flags():
 
 PACKAGE = ROOT / "chatglm3_finetune"
 PROGRAMS = {
-    # finetune.py and what only it runs (model_loading's remote-code hint names the converter's flags)
-    "finetune": ([ROOT / "finetune.py", ROOT / "arguments.py", ROOT / "trainer.py", PACKAGE / "training_data.py",
-                  PACKAGE / "model_loading.py", PACKAGE / "divergence.py", PACKAGE / "preemption.py",
-                  PACKAGE / "run_record.py", PACKAGE / "output_folder.py"], lambda: finetune_flags() | program_flags("convert")),
+    # finetune.py and what only it runs (loading's remote-code hint names the converter's flags)
+    "finetune": ([ROOT / "finetune.py", ROOT / "arguments.py", ROOT / "trainer.py", PACKAGE / "data/training_data.py",
+                  PACKAGE / "model/loading.py", PACKAGE / "train/divergence.py", PACKAGE / "train/preemption.py",
+                  PACKAGE / "train/run_record.py", PACKAGE / "train/output_folder.py"], lambda: finetune_flags() | program_flags("convert")),
     # the summary's last line is an inference.py command
-    "run summary": ([PACKAGE / "run_summary.py"], lambda: finetune_flags() | program_flags("inference")),
+    "run summary": ([PACKAGE / "train/run_summary.py"], lambda: finetune_flags() | program_flags("inference")),
     # the data modules that finetune.py and the preview share: flags both spell the same way
-    "finetune+preview": ([PACKAGE / "encoding.py", PACKAGE / "records.py"],
+    "finetune+preview": ([PACKAGE / "data/encoding.py", PACKAGE / "data/records.py"],
                          lambda: finetune_flags() & program_flags("preview")),
     # the tokenizer loader's messages reach every program: they may name no flag at all
-    "every program": ([PACKAGE / "tokenizer.py"], lambda: set()),
+    "every program": ([PACKAGE / "format/tokenizer.py"], lambda: set()),
     "preview": ([ROOT / "preprocess_utils.py"], lambda: program_flags("preview")),
     "inference": ([ROOT / "inference.py"], lambda: program_flags("inference")),
     "server": ([ROOT / "api_server.py"], lambda: program_flags("server")),
     # chat_engine's messages reach users of both
-    "chat engine": ([PACKAGE / "chat_engine.py"], lambda: program_flags("inference") & program_flags("server")),
-    "convert": ([ROOT / "scripts" / "convert_chatglm3.py", PACKAGE / "conversion.py"],
+    "chat engine": ([PACKAGE / "serve/chat_engine.py"], lambda: program_flags("inference") & program_flags("server")),
+    "convert": ([ROOT / "scripts" / "convert_chatglm3.py", PACKAGE / "model/conversion.py"],
                 lambda: program_flags("convert")),
-    "merge": ([PACKAGE / "lora_merge.py"], lambda: program_flags("merge")),
-    "converters": ([PACKAGE / "advertise_gen.py", PACKAGE / "tool_alpaca.py", PACKAGE / "splitting.py"],
+    "merge": ([PACKAGE / "model/lora_merge.py"], lambda: program_flags("merge")),
+    "converters": ([PACKAGE / "data/converters/advertise_gen.py", PACKAGE / "data/converters/tool_alpaca.py", PACKAGE / "data/splitting.py"],
                    lambda: program_flags("advertise_gen") & program_flags("tool_alpaca")),
-    "tiny model": ([PACKAGE / "make_tiny_model.py"], lambda: program_flags("tiny model")),
+    "tiny model": ([PACKAGE / "model/make_tiny_model.py"], lambda: program_flags("tiny model")),
 }
 
 

@@ -11,17 +11,17 @@ import torch
 from transformers import GlmForCausalLM
 
 import inference
-from chatglm3_finetune.chat_engine import ChatModel, MetadataSplitter, load_chat_model
-from chatglm3_finetune.chat_parsing import ToolCall
-from chatglm3_finetune.chat_format import render_tool_call
-from chatglm3_finetune.tokenizer import load_tokenizer
+from chatglm3_finetune.serve.chat_engine import ChatModel, MetadataSplitter, load_chat_model
+from chatglm3_finetune.format.chat_parsing import ToolCall
+from chatglm3_finetune.format.chat_format import render_tool_call
+from chatglm3_finetune.format.tokenizer import load_tokenizer
 from conftest import shared_path
-from chatglm3_finetune.evaluation import build_eval_items, evaluation_stop_token_ids
-from chatglm3_finetune.metrics import generation_metrics
-from chatglm3_finetune.prefix_model import PrefixTuningModel
-from chatglm3_finetune.collation import DataCollatorForChatGLM
-from chatglm3_finetune.chat_format import Message
-from chatglm3_finetune.encoding import encode_multi_turn, encode_prompt_response
+from chatglm3_finetune.evaluate.evaluation import build_eval_items, evaluation_stop_token_ids
+from chatglm3_finetune.evaluate.metrics import generation_metrics
+from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
+from chatglm3_finetune.data.collation import DataCollatorForChatGLM
+from chatglm3_finetune.format.chat_format import Message
+from chatglm3_finetune.data.encoding import encode_multi_turn, encode_prompt_response
 
 TOOLS = [{"name": "get_weather", "description": "Get the weather of a city", "parameters": {"city": "string"}}]
 WEATHER = {"tools": TOOLS, "conversations": [
@@ -555,7 +555,7 @@ def test_a_lora_adapter_loads_merged_and_generates_like_the_peft_model(tiny_mode
 
 
 def test_an_original_format_ptuning_checkpoint_reproduces_the_original_model(tmp_path):
-    from chatglm3_finetune import conversion
+    from chatglm3_finetune.model import conversion
     from safetensors.torch import load_file
 
     model_dir = shared_path("chatglm3-tiny-original", "model")

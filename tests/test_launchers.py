@@ -18,7 +18,7 @@ LAUNCHERS = ("finetune_ds.sh", "finetune_ds_multiturn.sh", "finetune_pt.sh", "fi
              "finetune_lora.sh")
 SANITY_START = "Sanity Check >>>>>>>>>>>>>"
 PYTHON = sys.executable
-LAUNCH_WORKERS = [PYTHON, "-m", "chatglm3_finetune.launch_workers"]
+LAUNCH_WORKERS = [PYTHON, "-m", "chatglm3_finetune.train.launch_workers"]
 
 
 def launcher_env(**variables) -> dict:
@@ -297,7 +297,7 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from chatglm3_finetune.prefix_model import PrefixTuningModel
+    from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
 
     output_dir, _ = request.getfixturevalue(run)
     base_dir = Path(tiny_model_dir)

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from chatglm3_finetune.records import MULTI_TURN, DataError
-from chatglm3_finetune.encoding import LengthLimits, encode_multi_turn, sanity_check_lines
+from chatglm3_finetune.data.records import MULTI_TURN, DataError
+from chatglm3_finetune.data.encoding import LengthLimits, encode_multi_turn, sanity_check_lines
 from preprocess_utils import preview
 from test_records import write, jsonl, GOOD, conv, U, A
 
@@ -87,7 +87,7 @@ def test_preview_warns_about_what_the_caps_cut(tmp_path, tiny_model_dir, capsys)
 
 
 def test_sanity_check_of_a_long_record_shows_its_start_and_end(tiny_tokenizer):
-    from chatglm3_finetune.encoding import SANITY_CHECK_HEAD, SANITY_CHECK_TAIL
+    from chatglm3_finetune.data.encoding import SANITY_CHECK_HEAD, SANITY_CHECK_TAIL
 
     encoded = encode_multi_turn(tiny_tokenizer, conv(U, {"role": "assistant", "content": "word " * 400}))
     total = len(encoded.input_ids)

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""AdvertiseGen JSON lines {"content", "summary"} -> prompt/response JSON lines.
+
+    python scripts/format_advertise_gen.py --path AdvertiseGen/train.json
+    # writes formatted_data/advertise_gen.jsonl with {"prompt": content, "response": summary}
+
+A line that is not a JSON object with string "content" and "summary" stops the conversion
+with an error naming the file, the line and the field; nothing is dropped silently.
+Blank lines are not records and are passed over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterable
+
+from ..splitting import add_split_options, parse_split_or_exit, write_converted
+
+FIELDS = {"content": "prompt", "summary": "response"}
+
+
+class AdvertiseGenError(ValueError):
+    """A line of the input that is not an AdvertiseGen record; the message names file:line and field."""
+
+
+def convert_advertise_gen(lines: Iterable[str], source: str = "<input>") -> list[dict]:
+    """One {"prompt", "response"} row per non-blank line, in order; raises AdvertiseGenError on a bad line."""
+    rows = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AdvertiseGenError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise AdvertiseGenError(f"{where}: expected a JSON object with \"content\" and \"summary\", "
+                                    f"got {type(record).__name__}")
+        row = {}
+        for field, target in FIELDS.items():
+            if field not in record:
+                raise AdvertiseGenError(f"{where}: field \"{field}\" is missing")
+            if not isinstance(record[field], str):
+                raise AdvertiseGenError(f"{where}: field \"{field}\" must be a string, "
+                                        f"got {type(record[field]).__name__}")
+            row[target] = record[field]
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", required=True, help="AdvertiseGen file: one JSON object per line")
+    parser.add_argument("--output", default="formatted_data/advertise_gen.jsonl")
+    add_split_options(parser, "formatted_data/advertise_gen.jsonl")
+    args = parser.parse_args(argv)
+    if args.split:
+        parse_split_or_exit(parser, args.split)
+    try:
+        with open(args.path, encoding="utf-8") as f:
+            rows = convert_advertise_gen(f, source=args.path)
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"error: cannot read {args.path}: {error}", file=sys.stderr)
+        return 1
+    except AdvertiseGenError as error:
+        print(f"error: {error}. Fix or remove that line and run again.", file=sys.stderr)
+        return 1
+    for line in write_converted(parser, args, rows):
+        print(f"{args.path}: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

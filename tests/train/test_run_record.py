@@ -1,0 +1,144 @@
+"""Rerunning into an output folder: resumes that would mix two runs are refused, a finished run is left
+alone, schedule changes are applied and logged, --overwrite_output_dir starts over."""
+
+import json
+import os
+
+import pytest
+
+from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, plan_run, read_record
+from conftest import run_finetune
+from test_finetune import common_args
+
+SETTINGS = {"data": "/d/train.jsonl (sha256 0123)", "method": "ptuning", "pre_seq_len": 4, "deepspeed stage": 2,
+            "learning_rate": 0.02}
+SCHEDULE = {"max_steps": 8, "num_train_epochs": 3.0}
+
+
+def write_final_state(output_dir, step):
+    (output_dir / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+# ---- the decisions, in-process -----------------------------------------------------------------------
+
+def test_a_fresh_start_writes_the_record_and_a_resume_appends(tmp_path):
+    assert not plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True).finished
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, 4, write=True)
+    record = read_record(str(tmp_path))
+    assert record["trained"] == SETTINGS
+    assert [start["resumed_from_step"] for start in record["starts"]] == [None, 4]
+
+
+@pytest.mark.parametrize("change, listed", [
+    ({"deepspeed stage": 3}, "deepspeed stage 2 -> 3"),
+    ({"method": "full", "pre_seq_len": None}, "method 'ptuning' -> 'full'; pre_seq_len 4 -> None"),
+    ({"pre_seq_len": 8}, "pre_seq_len 4 -> 8"),
+    ({"learning_rate": 0.05}, "learning_rate 0.02 -> 0.05"),
+])
+def test_a_resume_with_other_settings_is_refused_with_the_differences(tmp_path, change, listed):
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
+    before = (tmp_path / "run_record.json").read_text()
+    with pytest.raises(ResumeRefused) as e:
+        plan_run(str(tmp_path), {**SETTINGS, **change}, SCHEDULE, 4, write=True)
+    assert f"trained with other settings ({listed})" in str(e.value)
+    assert str(e.value).endswith("Use a new --output_dir, or --overwrite_output_dir to start over "
+                                 "(this removes its checkpoints)")
+    assert (tmp_path / "run_record.json").read_text() == before
+
+
+def test_a_finished_run_is_left_alone_unless_its_final_files_are_gone(tmp_path):
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
+    write_final_state(tmp_path, 8)
+    mark_finished(str(tmp_path), 8, SCHEDULE)
+    assert plan_run(str(tmp_path), SETTINGS, SCHEDULE, 8, write=True).finished
+    assert len(read_record(str(tmp_path))["starts"]) == 1
+    os.remove(tmp_path / "trainer_state.json")  # the final save never completed
+    assert not plan_run(str(tmp_path), SETTINGS, SCHEDULE, 6, write=False).finished
+
+
+def test_schedule_changes_are_applied_and_named_or_refused(tmp_path):
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
+    write_final_state(tmp_path, 8)
+    mark_finished(str(tmp_path), 8, SCHEDULE)
+    plan = plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 12}, 8, write=False)
+    assert plan.notes == ["max_steps 8 -> 12: applied from step 8 on (the learning-rate schedule now runs to the new end)"]
+    with pytest.raises(ResumeRefused, match="already trained 8 steps, so --max_steps 6 leaves nothing to train"):
+        plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 6}, 8, write=False)
+    with pytest.raises(ResumeRefused, match="finished at step 8 and kept no checkpoint"):
+        plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 12}, None, write=False)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+def snapshot(folder) -> dict:
+    return {os.path.join(root, name): (os.stat(os.path.join(root, name)).st_mtime_ns, os.path.getsize(os.path.join(root, name)))
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.mark.slow
+def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path):
+    output_dir = tmp_path / "o"
+
+    def args(*extra, data=formatted_samples["multi-turn"]):
+        return common_args(tiny_model_dir, data, output_dir, "--pre_seq_len", "4", "--save_steps", "2",
+                           "--learning_rate", "2e-2", *extra)
+
+    run_finetune(*args("--max_steps", "4"))
+    before = snapshot(output_dir)
+
+    result = run_finetune(*args("--max_steps", "4"))  # the same command again
+    assert "already finished with these settings: nothing to do" in result.stdout
+    assert "Loading weights" not in result.stdout + result.stderr and snapshot(output_dir) == before
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(open(formatted_samples["multi-turn"]).readlines()[:5]))
+    result = run_finetune(*args("--max_steps", "4", data=str(other)), check=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --output_dir {output_dir} holds a run that trained with other settings (data ")
+    assert snapshot(output_dir) == before
+
+    result = run_finetune(*args("--max_steps", "4", "--learning_rate", "5e-2"), check=False)
+    assert result.returncode == 2 and "learning_rate 0.02 -> 0.05" in result.stderr
+
+    result = run_finetune(*args("--max_steps", "2"), check=False)
+    assert result.returncode == 2 and "already trained 4 steps, so --max_steps 2 leaves nothing to train" in result.stderr
+    assert snapshot(output_dir) == before
+
+    result = run_finetune(*args("--max_steps", "6"))  # continue: the schedule runs to the new end, logged
+    assert "Schedule change on resume: max_steps 4 -> 6: applied from step 4 on" in result.stdout + result.stderr
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    assert state["global_step"] == 6
+    assert rates[5] == pytest.approx(2e-2 * (6 - 4) / 6) and rates[6] == pytest.approx(2e-2 * (6 - 5) / 6)
+
+    result = run_finetune(*args("--max_steps", "2", "--overwrite_output_dir"))
+    assert "--overwrite_output_dir: removed the previous run's" in result.stdout + result.stderr
+    assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == ["checkpoint-2"]
+    record = json.loads((output_dir / "run_record.json").read_text())
+    assert len(record["starts"]) == 1 and record["finished"]["global_step"] == 2
+
+
+def test_an_unusable_output_folder_fails_before_loading(tiny_model_dir, formatted_samples, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], blocker / "out"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --output_dir {blocker / 'out'}: cannot write there (")
+    assert "GiB free" in result.stderr and "Loading weights" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_exits_4_and_keeps_the_earlier_ones(tiny_model_dir, formatted_samples,
+                                                                                  tmp_path):
+    output_dir = tmp_path / "o"
+    output_dir.mkdir()
+    (output_dir / "checkpoint-2").write_text("in the way")  # the save of step 2 fails for real
+    result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len",
+                                       "4", "--max_steps", "4", "--save_steps", "1"), check=False)
+    assert result.returncode == 4, result.stderr[-3000:]
+    errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: could not write {output_dir / 'checkpoint-2'}: ")
+    assert "GiB free" in errors[0] and "rerun the same command to resume" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert os.path.isfile(output_dir / "checkpoint-1" / "trainer_state.json")
