@@ -132,6 +132,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over: remove the previous run's checkpoints and records from --output_dir instead of "
                 "resuming from them"})
+    allow_output_near_inputs: bool = field(default=False, metadata={
+        "help": "accept an --output_dir that is, contains or sits inside the model, tokenizer or data (refused by "
+                "default: a run could overwrite its own inputs)"})
     nan_patience: int = field(default=0, metadata={
         "help": "skip up to N optimizer steps in a row with a non-finite loss or gradient norm before stopping "
                 "as diverged (default 0: stop at the first; not with DeepSpeed or fp16)"})

@@ -205,7 +205,21 @@ launch_finetune() {
         exit 0
     fi
     echo "+ $(printf '%q ' "${command[@]}")" >&2
+    local created=0 status=0
+    if [ ! -e "$OUTPUT_DIR" ]; then created=1; fi
     mkdir -p "$OUTPUT_DIR"
     # tee outlives Ctrl-C and SIGTERM so it still logs what finetune.py prints while it stops.
-    "${command[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$OUTPUT_DIR/train.log")
+    "${command[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$OUTPUT_DIR/train.log") || status=$?
+    if [ "$status" != 0 ] && [ "$created" = 1 ]; then remove_if_only_the_log "$OUTPUT_DIR"; fi
+    exit "$status"
+}
+
+# remove_if_only_the_log DIR: a folder this try created and that holds nothing but this try's
+# train.log (finetune.py failed before writing anything) is removed; its messages were shown above.
+remove_if_only_the_log() {
+    local names
+    names=$(ls -A "$1")
+    if [ "$names" = train.log ]; then
+        rm -f "$1/train.log" && rmdir "$1" && echo "Removed $1 again: this try wrote nothing there" >&2
+    fi
 }
