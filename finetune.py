@@ -117,15 +117,21 @@ def decide_start(model_args, data_args, training_args, lock: RunLock) -> tuple[S
     fresh = training_args.overwrite_output_dir
     if fresh:
         start_over(output_dir)
+    choice, no_good = None, None
     try:
         choice = None if fresh else resume_choice(training_args)
-        step = choice.global_step if choice else None
+    except NoGoodCheckpoint as e:
+        no_good = e  # refused below, unless the run finished and its final model is intact
+    step = choice.global_step if choice else None
+    try:
         plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
                         step, write=False, start_over=fresh, checkpoint_at_end=bool(choice and choice.at_end))
-    except (NoGoodCheckpoint, ResumeRefused) as e:
-        return Start(error=str(e)), None
+    except ResumeRefused as e:
+        return Start(error=str(no_good or e)), None
     if plan.finished:
         return Start(finished=True), plan
+    if no_good:
+        return Start(error=str(no_good)), None
     for note in set_damaged_aside(choice) if choice else []:
         logger.warning(note)
     if plan.finish_from_checkpoint:
@@ -302,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         run(model_args, data_args, training_args, lock, started)
     finally:
         lock.release()
-        if training_args.process_index == 0 and created.remove_if_empty():
-            logger.info("Removed %s again: this try wrote nothing there", training_args.output_dir)
+        if training_args.process_index == 0:
+            created.remove_if_empty()  # quietly: a failed try's error stays its last line
 
 
 def run(model_args, data_args, training_args, lock: RunLock, started: float) -> None:

@@ -215,11 +215,10 @@ launch_finetune() {
 }
 
 # remove_if_only_the_log DIR: a folder this try created and that holds nothing but this try's
-# train.log (finetune.py failed before writing anything) is removed; its messages were shown above.
+# train.log (finetune.py failed before writing anything) is removed, quietly: its error, shown
+# above, stays the last thing on the screen.
 remove_if_only_the_log() {
-    local names
-    names=$(ls -A "$1")
-    if [ "$names" = train.log ]; then
-        rm -f "$1/train.log" && rmdir "$1" && echo "Removed $1 again: this try wrote nothing there" >&2
+    if [ "$(ls -A "$1")" = train.log ]; then
+        rm -f "$1/train.log" && rmdir "$1"
     fi
 }

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,3 +94,56 @@ def test_the_holder_is_described_even_before_it_wrote_its_details(tmp_path, monk
             run_lock.RunLock(str(tmp_path)).acquire()
     finally:
         os.close(fd)
+
+
+# ---- two real runs into one folder --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_concurrent_runs_the_second_refused_then_a_killed_run_is_taken_over(tiny_model_dir, formatted_samples,
+                                                                               tmp_path):
+    """A second run, plain or as two torchrun ranks, is refused by name while the first trains (frozen
+    with SIGSTOP meanwhile, so that it cannot finish first); nothing of the second is written and no
+    rank is left waiting. After kill -9 of the first, the rerun takes its lock over and finishes it."""
+    from conftest import ROOT, run_finetune
+    from test_finetune import common_args
+    from test_preemption import Running
+
+    output_dir = tmp_path / "o"
+    args = common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
+                       "--max_steps", "4", "--save_steps", "1", "--gradient_accumulation_steps", "20")
+    first = Running([sys.executable, str(ROOT / "finetune.py"), *args])
+    try:
+        first.wait_for_logged_steps(1)
+        while not (output_dir / "checkpoint-1" / "manifest.json").exists():
+            time.sleep(0.01)
+        first.process.send_signal(signal.SIGSTOP)
+        record = (output_dir / "run_record.json").read_text()
+
+        second = run_finetune(*args, check=False)
+        assert second.returncode == 2
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: --output_dir {output_dir} is in use by another run (pid {first.process.pid} "
+                               f"on {socket.gethostname()}, started ")
+        assert "Sanity Check" not in second.stdout
+
+        ranks = subprocess.run([sys.executable, "-m", "chatglm3_finetune.train.launch_workers", "--standalone",
+                                "--nnodes=1", "--nproc_per_node=2", str(ROOT / "finetune.py"), *args],
+                               capture_output=True, text=True, cwd=str(ROOT), timeout=240,
+                               env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert ranks.returncode == 2, ranks.stderr[-3000:]
+        output = ranks.stdout + ranks.stderr
+        assert output.count(f"is in use by another run (pid {first.process.pid}") == 1, output[-3000:]
+        assert "Sanity Check" not in output and "Traceback" not in output
+        assert (output_dir / "run_record.json").read_text() == record  # neither wrote a start
+        assert first.process.poll() is None
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.finish()
+
+    rerun = run_finetune(*args)
+    out = rerun.stdout + rerun.stderr
+    assert (f"Took over the lock of --output_dir {output_dir} from a run that is no longer running "
+            f"(pid {first.process.pid} on {socket.gethostname()}") in out
+    assert f"Resuming from {output_dir / 'checkpoint-1'}" in out
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (output_dir / "run.lock").exists()

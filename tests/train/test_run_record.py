@@ -142,6 +142,7 @@ def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path)
     result = run_finetune(*args("--max_steps", "4"))  # the same command again
     assert "already finished with these settings: nothing to do" in result.stdout
     assert "Loading weights" not in result.stdout + result.stderr and snapshot(output_dir) == before
+    assert "Resuming from" not in result.stdout + result.stderr  # it did not resume: nothing to say so
 
     other = tmp_path / "other.jsonl"
     other.write_text("".join(open(formatted_samples["multi-turn"]).readlines()[:5]))
@@ -153,6 +154,12 @@ def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path)
 
     result = run_finetune(*args("--max_steps", "4", "--learning_rate", "5e-2"), check=False)
     assert result.returncode == 2 and "learning_rate 0.02 -> 0.05" in result.stderr
+    assert "Resuming from" not in result.stdout + result.stderr
+
+    result = run_finetune(*args("--max_steps", "6", "--max_grad_norm", "0.5", "--adam_beta2", "0.95"), check=False)
+    assert result.returncode == 2
+    assert "adam_beta2 0.999 -> 0.95; max_grad_norm 1.0 -> 0.5" in result.stderr
+    assert snapshot(output_dir) == before
 
     result = run_finetune(*args("--max_steps", "2"), check=False)
     assert result.returncode == 2 and "already trained 4 steps, so --max_steps 2 leaves nothing to train" in result.stderr
