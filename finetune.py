@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 # bitsandbytes warns at import, on every CPU run, about an optional kernel download we never want.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -31,17 +30,16 @@ from chatglm3_finetune.data.collation import build_collator  # noqa: E402
 from chatglm3_finetune.train.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
 from chatglm3_finetune.data.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model.loading import ModelLoadError, load_for_training  # noqa: E402
-from chatglm3_finetune.train.checkpoints import (NoGoodCheckpoint, checkpoint_problem, choose_checkpoint,  # noqa: E402
-                                                 read_trainer_state, set_damaged_aside)
+from chatglm3_finetune.train.checkpoints import read_trainer_state  # noqa: E402
 from chatglm3_finetune.train.output_folder import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError,  # noqa: E402
-                                                   CreatedFolder, check_writable, near_inputs_problem, start_over)
+                                                   CreatedFolder)
 from chatglm3_finetune.train.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
-from chatglm3_finetune.train.run_lock import FolderLocked, RunLock  # noqa: E402
+from chatglm3_finetune.train.run_lock import RunLock  # noqa: E402
+from chatglm3_finetune.train.run_start import decide_start, schedule, shared_from_main  # noqa: E402
 from chatglm3_finetune.compat import UntestedVersionError, check_versions  # noqa: E402
 from chatglm3_finetune.model.packed_attention import packing_attention  # noqa: E402
 from chatglm3_finetune.data.records import DataError  # noqa: E402
-from chatglm3_finetune.train.run_record import (ResumeRefused, legacy_checkpoints_up_to, mark_finished,  # noqa: E402
-                                                plan_run, trained_settings)
+from chatglm3_finetune.train.run_record import mark_finished  # noqa: E402
 from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
@@ -77,98 +75,6 @@ def setup_logging(training_args) -> None:
     if not any(isinstance(f, HubReminderFilter) for f in trainer_logger.filters):
         trainer_logger.addFilter(HubReminderFilter())
     transformers.utils.logging.enable_explicit_format()
-
-
-def schedule(training_args) -> dict:
-    return {"max_steps": training_args.max_steps, "num_train_epochs": training_args.num_train_epochs}
-
-
-@dataclass
-class Start:
-    """What the main process decided about the output folder, shared with every rank."""
-    error: str | None = None  # refused: the one line to print (exit 2)
-    resume_from: str | None = None
-    finished: bool = False  # nothing to do
-    finish_from: str | None = None  # training ended at this checkpoint: only the final model is to write
-
-
-def input_paths(model_args, data_args) -> dict:
-    """The inputs the output folder must keep apart from, by option name."""
-    return {"--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
-            "--ptuning_checkpoint": model_args.ptuning_checkpoint, "--train_file": data_args.train_file,
-            "--validation_file": data_args.validation_file, "--test_file": data_args.test_file}
-
-
-def decide_start(model_args, data_args, training_args, lock: RunLock) -> tuple[Start, object]:
-    """On the main process only, before anything is written: the output folder is apart from the inputs,
-    writable and this run's alone (the lock); then which checkpoint to resume from, and the plan."""
-    output_dir = training_args.output_dir
-    problem = (None if training_args.allow_output_near_inputs
-               else near_inputs_problem(output_dir, input_paths(model_args, data_args)))
-    problem = problem or check_writable(output_dir)
-    if problem:
-        return Start(error=problem), None
-    try:
-        lock.acquire()
-    except FolderLocked as e:
-        return Start(error=str(e)), None
-    if not training_args.do_train:
-        return Start(), None
-    fresh = training_args.overwrite_output_dir
-    if fresh:
-        start_over(output_dir)
-    choice, no_good = None, None
-    try:
-        choice = None if fresh else resume_choice(training_args)
-    except NoGoodCheckpoint as e:
-        no_good = e  # refused below, unless the run finished and its final model is intact
-    step = choice.global_step if choice else None
-    try:
-        plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
-                        step, write=False, start_over=fresh, checkpoint_at_end=bool(choice and choice.at_end))
-    except ResumeRefused as e:
-        return Start(error=str(no_good or e)), None
-    if plan.finished:
-        return Start(finished=True), plan
-    if no_good:
-        return Start(error=str(no_good)), None
-    for note in set_damaged_aside(choice) if choice else []:
-        logger.warning(note)
-    if plan.finish_from_checkpoint:
-        return Start(finish_from=choice.path), plan
-    if choice and choice.path:
-        logger.info("Resuming from %s (the newest complete checkpoint in %s)", choice.path, output_dir)
-    for note in plan.notes:
-        logger.warning("Schedule change on resume: %s", note)
-    return Start(resume_from=choice.path if choice else None), plan
-
-
-def resume_choice(training_args):
-    """The checkpoint to resume from: --resume_from_checkpoint, checked, or the newest complete one."""
-    from chatglm3_finetune.train.checkpoints import Choice
-
-    legacy = legacy_checkpoints_up_to(training_args.output_dir)
-    path = training_args.resume_from_checkpoint
-    if not path:
-        return choose_checkpoint(training_args.output_dir, legacy)
-    problem = checkpoint_problem(path, legacy=legacy is not None)
-    if problem:
-        raise NoGoodCheckpoint(f"--resume_from_checkpoint {path}: not a complete checkpoint ({problem[1]}): name "
-                               f"another, or leave the option out to resume from the newest complete one")
-    state = read_trainer_state(path)
-    return Choice(path=path, global_step=state["global_step"], max_steps=state.get("max_steps"))
-
-
-def shared_from_main(value, training_args):
-    """`value` of the main process, on every process (all of them call this at the same point)."""
-    import torch.distributed as dist
-
-    if training_args.world_size > 1 and dist.is_available() and dist.is_initialized():
-        box = [value]
-        device = training_args.device if training_args.device.type == "cuda" else None
-        dist.broadcast_object_list(box, src=0, device=device)
-        return box[0]
-    return value
 
 
 def prepare_output_dir(model_args, data_args, training_args, lock: RunLock):
