@@ -54,6 +54,17 @@ def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint folder holds: from its name (checkpoint-N), else from its trainer state."""
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match:
+        return int(match.group(1))
+    try:
+        return read_trainer_state(path)["global_step"]
+    except (OSError, ValueError):
+        return 0
+
+
 def read_trainer_state(path: str) -> dict:
     with open(os.path.join(path, TRAINER_STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)

@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 WRITE_FAILED_EXIT_CODE = 4
 CHECKPOINT_PREFIXES = ("checkpoint-", "damaged-checkpoint-")
 # What a finished or interrupted run leaves that a fresh start must not mix with its own files.
+# The final model's manifest goes too: the old final model then counts as missing, not as this run's.
 RUN_FILES = ("run_record.json", "trainer_state.json", "train_results.json", "all_results.json",
-             "eval_results.json", "predict_results.json")
+             "eval_results.json", "predict_results.json", "manifest.json")
 
 
 class CheckpointWriteError(OSError):

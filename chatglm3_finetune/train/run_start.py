@@ -6,10 +6,11 @@ run record's verdict: a refusal, nothing to do, only the final model to write, o
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
-from .checkpoints import (Choice, NoGoodCheckpoint, checkpoint_problem, choose_checkpoint, read_trainer_state,
-                          set_damaged_aside)
+from .checkpoints import (Choice, NoGoodCheckpoint, checkpoint_problem, checkpoint_step, choose_checkpoint,
+                          read_trainer_state, set_damaged_aside)
 from .output_folder import check_writable, near_inputs_problem, start_over
 from .run_lock import FolderLocked, RunLock
 from .run_record import ResumeRefused, legacy_checkpoints_up_to, plan_run, trained_settings
@@ -83,11 +84,11 @@ def decide_start(model_args, data_args, training_args, lock: RunLock) -> tuple[S
 
 def resume_choice(training_args):
     """The checkpoint to resume from: --resume_from_checkpoint, checked, or the newest complete one."""
-    legacy = legacy_checkpoints_up_to(training_args.output_dir)
     path = training_args.resume_from_checkpoint
     if not path:
-        return choose_checkpoint(training_args.output_dir, legacy)
-    problem = checkpoint_problem(path, legacy=legacy is not None)
+        return choose_checkpoint(training_args.output_dir, legacy_checkpoints_up_to(training_args.output_dir))
+    legacy_up_to = legacy_checkpoints_up_to(os.path.dirname(os.path.abspath(path)))
+    problem = checkpoint_problem(path, legacy=legacy_up_to is not None and checkpoint_step(path) <= legacy_up_to)
     if problem:
         raise NoGoodCheckpoint(f"--resume_from_checkpoint {path}: not a complete checkpoint ({problem[1]}): name "
                                f"another, or leave the option out to resume from the newest complete one")

@@ -97,3 +97,13 @@ def test_rotation_removes_incomplete_then_the_oldest_complete(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-4"]
     rotate(str(tmp_path), None)
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_the_step_of_a_checkpoint_comes_from_its_name_or_its_state(tmp_path):
+    from chatglm3_finetune.train.checkpoints import checkpoint_step
+
+    make_checkpoint(tmp_path, 6)
+    renamed = tmp_path / "best"
+    os.rename(tmp_path / "checkpoint-6", renamed)
+    assert checkpoint_step(str(tmp_path / "checkpoint-12")) == 12
+    assert checkpoint_step(str(renamed)) == 6
