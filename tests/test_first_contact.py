@@ -139,14 +139,14 @@ def page_commands(page: str) -> list[DocCommand]:
 ALL_COMMANDS = [command for page in PAGES for command in page_commands(page)]
 
 
-def words_of(command: str) -> list[str]:
-    """The command's words as the shell splits them (after `&&`, the last part)."""
-    return shlex.split(command.split("&&")[-1])
+def command_id(command: DocCommand) -> str:
+    return f"{command.page}:{command.line}"
 
 
 def environment_and_program(command: str) -> tuple[list[str], list[str]]:
-    """(leading VAR=value words, the rest)."""
-    words = words_of(command)
+    """(leading VAR=value words, the rest) of a command's last part (after its last `&&`), as the shell
+    splits them."""
+    words = shlex.split(command.split("&&")[-1])
     leading = 0
     while leading < len(words) and re.match(r"\w+=", words[leading]):
         leading += 1
@@ -218,15 +218,20 @@ def option_values(command: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def listed_choices(help_text: str, flag: str) -> set[str]:
-    """The values an option's help lists as its choices ({a,b,c}), or everything when it lists none."""
+def lists_option(help_text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def listed_choices(help_text: str, flag: str) -> set[str] | None:
+    """The values an option's help lists as its choices ({a,b,c}); None when it lists none."""
     match = re.search(rf"(?<![\w-]){re.escape(flag)} \{{([^}}]+)\}}", help_text)
-    return set(match.group(1).split(",")) if match else AnyValue()
+    return set(match.group(1).split(",")) if match else None
 
 
-class AnyValue(set):
-    def __contains__(self, value) -> bool:
-        return True
+def not_among_choices(help_text: str, command: str) -> list[tuple[str, str]]:
+    """(option, value) pairs of a command whose value is not among the choices the help lists."""
+    return [(flag, value) for flag, value in option_values(command)
+            if (choices := listed_choices(help_text, flag)) is not None and value not in choices]
 
 
 @cache
@@ -243,11 +248,12 @@ def test_pages_print_their_commands():
     assert {command.page for command in ALL_COMMANDS} >= {"README.md", "docs/training.md", "docs/data.md"}
 
 
-@pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda command: f"{command.page}:{command.line}")
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=command_id)
 def test_doc_commands_need_no_activated_environment(command):
     """Python commands are spelled .venv/bin/python, so they work in a new shell after set-up."""
-    _, words = environment_and_program(command.text)
-    assert words and words[0] not in ("python", "python3", "pip", "torchrun", "deepspeed", "pytest"), str(command)
+    for part in command.text.split("&&"):
+        _, words = environment_and_program(part)
+        assert words and words[0] not in ("python", "python3", "pip", "torchrun", "deepspeed", "pytest"), str(command)
 
 
 def test_every_command_runs_cheaply_or_has_a_reason():
@@ -260,7 +266,7 @@ def test_every_command_runs_cheaply_or_has_a_reason():
 @pytest.mark.slow
 @needs_venv
 @pytest.mark.parametrize("command", [command for command in ALL_COMMANDS if not not_run_reason(command.text)],
-                         ids=lambda command: f"{command.page}:{command.line}")
+                         ids=command_id)
 def test_doc_command_works_in_a_new_shell(command):
     """Each command of the README and docs/, in its cheap form, in a fresh environment from the project
     root; every long option it passes is one the program (finetune.py for a launcher) declares, with a
@@ -273,12 +279,42 @@ def test_doc_command_works_in_a_new_shell(command):
         return
     listing = ".venv/bin/python finetune.py --help" if "scripts/finetune_" in command.text else form
     help_text = run_in_fresh_shell(listing).stdout
-    unknown = [flag for flag in flags_of(command.text)
-               if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text)]
+    unknown = [flag for flag in flags_of(command.text) if not lists_option(help_text, flag)]
     assert not unknown, f"{command}\noptions that {listing} does not list: {unknown}"
-    wrong = [(flag, value) for flag, value in option_values(command.text)
-             if value not in listed_choices(help_text, flag)]
+    wrong = not_among_choices(help_text, command.text)
     assert not wrong, f"{command}\nvalues that {listing} does not list among the choices: {wrong}"
+
+
+OTHER_TOOLS_OPTIONS = {  # options of programs that are not this project's, named in the pages
+    "--index-url", "--no-deps", "--only-binary", "--platform", "--python-version", "--implementation",  # pip
+    "--served-model-name", "--enable-auto-tool-choice", "--tool-call-parser",  # vllm serve
+    "--ntasks-per-node",  # srun
+}
+PROGRAMS = ["finetune.py", "preprocess_utils.py", "inference.py", "api_server.py",
+            *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "scripts").glob("*.py")),
+            *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "benchmarks").glob("*.py"))]
+
+
+@pytest.mark.slow
+@needs_venv
+def test_options_the_pages_name_exist():
+    """Every --option a page names, in its text or its tables, is declared by one of the project's
+    programs (or is one of the few other tools' options the pages show)."""
+    every_help = ("import runpy, sys\n"
+                  "for program in sys.argv[1:]:\n"
+                  "    sys.argv = [program, '--help']\n"
+                  "    try:\n"
+                  "        runpy.run_path(program, run_name='__main__')\n"
+                  "    except SystemExit as done:\n"
+                  "        assert not done.code, program\n")
+    done = subprocess.run([".venv/bin/python", "-c", every_help, *PROGRAMS], cwd=ROOT, env=fresh_shell_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    declared = done.stdout
+    for page in PAGES:
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", (ROOT / page).read_text())) - OTHER_TOOLS_OPTIONS
+        unknown = sorted(flag for flag in named if not lists_option(declared, flag))
+        assert not unknown, f"{page} names options no program declares: {unknown}"
 
 
 def test_console_scripts_name_functions_that_exist():
@@ -383,6 +419,16 @@ def test_links_reach_existing_pages_and_headings(page):
         assert linked.exists(), f"{page}: link to {target}: no such file"
         if anchor:
             assert anchor in heading_anchors(linked), f"{page}: link to {target}: no such heading"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_files_the_pages_name_exist(page):
+    """Every project path a page names in `code` (chatglm3_finetune/..., scripts/..., tests/..., ...)
+    exists: pages follow the tree when it moves."""
+    text = (ROOT / page).read_text()
+    named = re.findall(r"`((?:chatglm3_finetune|scripts|tests|benchmarks|configs|docs|web)/[\w./-]*)`", text)
+    missing = sorted({path for path in named if not (ROOT / path).exists()})
+    assert not missing, f"{page} names files that do not exist: {missing}"
 
 
 def test_readme_links_every_docs_page():
