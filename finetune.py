@@ -104,48 +104,27 @@ def prepare_output_dir(model_args, data_args, training_args, lock: RunLock):
 def finish_from_checkpoint(checkpoint: str, plan, model_args, training_args) -> None:
     """The run trained its last step and saved it in `checkpoint`, but its final model is missing or
     incomplete (the final save was cut short): the final model is the checkpoint's."""
-    from chatglm3_finetune.train.final_model import finish_from_checkpoint as write_final, run_totals_metrics
+    from chatglm3_finetune.train import final_model
+    from chatglm3_finetune.train.output_folder import final_write_failed
     from chatglm3_finetune.train.run_summary import inference_command
     from trainer import RUN_TOTALS, plot_loss_curve
 
     output_dir = training_args.output_dir
-    step = read_trainer_state(checkpoint)["global_step"]
+    state = read_trainer_state(checkpoint)
     try:
-        write_final(checkpoint, output_dir, step)
+        final_model.finish_from_checkpoint(checkpoint, output_dir, state["global_step"])
     except OSError as e:
-        from chatglm3_finetune.train.output_folder import final_write_failed
-
-        fail(str(final_write_failed(output_dir, step, e)), WRITE_FAILED_EXIT_CODE)
+        fail(str(final_write_failed(output_dir, state["global_step"], e)), WRITE_FAILED_EXIT_CODE)
     plan.save_start(output_dir)
-    metrics = {**run_totals_metrics(checkpoint, RUN_TOTALS), "finished_from_checkpoint": checkpoint}
-    write_metrics(output_dir, "train", metrics)
-    mark_finished(output_dir, step, schedule(training_args))
-    state_file = os.path.join(output_dir, "trainer_state.json")
-    import json
-
-    with open(state_file, encoding="utf-8") as f:
-        plot_loss_curve(json.load(f)["log_history"], os.path.join(output_dir, "loss_curve.png"))
+    final_model.write_results(output_dir, "train", {**final_model.run_totals_metrics(state, RUN_TOTALS),
+                                                    "finished_from_checkpoint": checkpoint})
+    mark_finished(output_dir, state["global_step"], schedule(training_args))
+    plot_loss_curve(state["log_history"], os.path.join(output_dir, "loss_curve.png"))
     skipped = " (evaluation and prediction were not run)" if training_args.do_eval or training_args.do_predict else ""
-    print(f"The run in {output_dir} had trained all {step} steps, but its final model was missing or incomplete "
-          f"(its final save was cut short): wrote it from {checkpoint}{skipped}. Done.\n"
+    print(f"The run in {output_dir} had trained all {state['global_step']} steps, but its final model was missing or "
+          f"incomplete (its final save was cut short): wrote it from {checkpoint}{skipped}. Done.\n"
           f"chat with it: {inference_command(model_args.tuning_method, output_dir, model_args.model_name_or_path)}",
           flush=True)
-
-
-def write_metrics(output_dir: str, split: str, metrics: dict) -> None:
-    """{split}_results.json, and the split's entries in all_results.json (as Trainer.save_metrics)."""
-    import json
-
-    combined_path = os.path.join(output_dir, "all_results.json")
-    try:
-        with open(combined_path, encoding="utf-8") as f:
-            combined = json.load(f)
-    except (OSError, ValueError):
-        combined = {}
-    combined.update(metrics)
-    for path, values in ((os.path.join(output_dir, f"{split}_results.json"), metrics), (combined_path, combined)):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(values, f, indent=4, sort_keys=True)
 
 
 def train_to_the_end(trainer, resume_from: str | None):

@@ -103,10 +103,8 @@ def finish_from_checkpoint(checkpoint: str, output_dir: str, global_step: int) -
     return names
 
 
-def run_totals_metrics(checkpoint: str, totals_key: str) -> dict:
-    """The train metrics that a checkpoint's trainer state still holds (totals over the whole run)."""
-    with open(os.path.join(checkpoint, TRAINER_STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
+def run_totals_metrics(state: dict, totals_key: str) -> dict:
+    """The train metrics a checkpoint's trainer state still holds (totals over the whole run)."""
     totals = state.get("stateful_callbacks", {}).get(totals_key) or {}
     step = state["global_step"]
     metrics = {"epoch": state.get("epoch"), "train_steps": step}
@@ -117,3 +115,17 @@ def run_totals_metrics(checkpoint: str, totals_key: str) -> dict:
     if state.get("num_input_tokens_seen"):
         metrics["train_num_input_tokens_seen"] = state["num_input_tokens_seen"]
     return metrics
+
+
+def write_results(output_dir: str, split: str, metrics: dict) -> None:
+    """{split}_results.json, and the split's entries in all_results.json (as Trainer.save_metrics)."""
+    combined_path = os.path.join(output_dir, "all_results.json")
+    try:
+        with open(combined_path, encoding="utf-8") as f:
+            combined = json.load(f)
+    except (OSError, ValueError):
+        combined = {}
+    combined.update(metrics)
+    for path, values in ((os.path.join(output_dir, f"{split}_results.json"), metrics), (combined_path, combined)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=4, sort_keys=True)

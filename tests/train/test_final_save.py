@@ -107,6 +107,7 @@ def test_kill_9_during_the_final_save_then_the_rerun_writes_it_from_the_last_che
                                                                                  "model.safetensors"))
     assert final.keys() == last.keys() and all((final[key] == last[key]).all() for key in final)
     assert (output_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert {"tokenizer.model", "tokenizer_config.json", "config.json"} <= set(os.listdir(output_dir))
     AutoModelForCausalLM.from_pretrained(str(output_dir))
     record = json.loads((output_dir / "run_record.json").read_text())
     assert record["finished"]["global_step"] == 2
