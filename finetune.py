@@ -8,7 +8,8 @@
 
 Rerunning the same command into the same --output_dir continues from its newest complete
 checkpoint; --resume_from_checkpoint PATH names one. Exit codes: 0 done, 2 a user mistake, 3 the run
-diverged, 4 a checkpoint could not be written, 75 stopped by SIGTERM/SIGINT with a checkpoint.
+diverged, 4 a checkpoint or the final model could not be written, 75 stopped by SIGTERM/SIGINT with a
+checkpoint (or after the final save).
 One run at a time per --output_dir (output_dir/run.lock).
 """
 
