@@ -13,7 +13,8 @@
 #   SAVE_EVERY_MINUTES  also save a checkpoint every M minutes (finetune.py --save_every_minutes;
 #                    30 by default where finetune.py has that flag, 0 turns it off)
 #   OUTPUT_DIR       default output/RUN_NAME-DATESTR-...; rerun with the same OUTPUT_DIR to resume
-#                    (finetune.py continues from its newest checkpoint; train.log is appended to)
+#                    (finetune.py continues from its newest checkpoint; train.log is appended to);
+#                    a folder this try created is removed again if it failed leaving only its train.log
 #   USE_CPU=1        train on the CPU; PRECISION=bf16|fp16|fp32|auto (auto: fp32 on the CPU, else
 #                    bf16 where the GPU supports it, fp16 where not)
 #   EXTRA_ARGS       more finetune.py flags (or give them after the script's name), split like
