@@ -17,7 +17,6 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
-from ..model.checkpoint_folders import holds_weights
 from .manifest import MANIFEST_FILE, ManifestError, check_folder
 
 logger = logging.getLogger(__name__)
@@ -54,6 +53,11 @@ def checkpoint_folders(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def weight_files(names: list[str]) -> list[str]:
+    """The weight files among a folder's top-level names (a model, a prefix, an adapter; not DeepSpeed's)."""
+    return [name for name in names if name.endswith((".safetensors", ".bin")) and name != "training_args.bin"]
+
+
 def checkpoint_step(path: str) -> int:
     """The step a checkpoint folder holds: from its name (checkpoint-N), else from its trainer state."""
     match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
@@ -79,10 +83,11 @@ def legacy_problem(path: str) -> str | None:
         read_trainer_state(path)
     except (OSError, ValueError) as e:
         return f"{TRAINER_STATE_FILE} is missing or unreadable ({e})"
-    if not holds_weights(path):
-        return "it holds no weights"
     names = os.listdir(path)
-    if not any(name.startswith("global_step") for name in names):
+    deepspeed = any(name.startswith("global_step") for name in names)
+    if not weight_files(names) and not deepspeed:
+        return "it holds no weights"
+    if not deepspeed:
         missing = [name for name in ("optimizer.pt", "scheduler.pt") if name not in names]
         if missing:
             return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 
-from ..model.checkpoint_folders import WEIGHT_FILES
+from .checkpoints import weight_files
 from .file_modes import respect_umask
 from .manifest import MANIFEST_FILE, ManifestError, describe, read_manifest, write_manifest
 
@@ -78,7 +78,7 @@ def publish(output_dir: str, global_step: int) -> list[str]:
 def model_entries(checkpoint: str) -> list[str]:
     """The names in a checkpoint folder that make up the model (what the final save writes)."""
     names = sorted(os.listdir(checkpoint))
-    consolidated = any(name in WEIGHT_FILES for name in names)
+    consolidated = bool(weight_files(names))
     return [name for name in names if not RESUME_ONLY.match(name) and not (consolidated and DEEPSPEED_ONLY.match(name))]
 
 
