@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None, plan: bool = False) -> None:
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
+    if training_args.do_train:  # a GPU run too big for its GPU stops here, before anything loads or is written
+        check_memory_plan(model_args, data_args, training_args)
     resume_from = prepare_output_dir(model_args, data_args, training_args)
 
     try:
@@ -184,10 +186,6 @@ def main(argv: list[str] | None = None, plan: bool = False) -> None:
         first = splits["train"][0][0]
         print_sanity_check(tokenizer, first["input_ids"], first["labels"], full=data_args.full_sanity_check)
     train_dataset = splits.get("train", (None,))[0]
-    if train_dataset is not None:  # a GPU run too big for its GPU stops here, before the model loads
-        too_big = check_memory_before_loading(model_args, data_args, training_args, train_dataset)
-        if too_big:
-            fail(too_big)
     if train_dataset is not None and data_args.packing:
         try:
             train_dataset = pack_dataset(train_dataset, data_args)
@@ -264,6 +262,18 @@ def make_plan(model_args, data_args, training_args) -> int:
         return print_plan(model_args, data_args, training_args)
     except (PlanInputError, DataError, OptionError) as e:
         fail(str(e))
+
+
+def check_memory_plan(model_args, data_args, training_args) -> None:
+    from chatglm3_finetune.data.records import DataError
+    from chatglm3_finetune.train.plan import PlanInputError
+
+    try:
+        too_big = check_memory_before_loading(model_args, data_args, training_args)
+    except (PlanInputError, DataError, OptionError) as e:
+        fail(str(e))
+    if too_big:
+        fail(too_big)
 
 
 def plan_main(argv: list[str] | None = None) -> None:

@@ -2,17 +2,18 @@
 
 The simulation runs the model without DeepSpeed; under ZeRO the model states (16-bit parameters,
 gradients, fp32 master weights and Adam moments) are DeepSpeed's, partitioned over the processes,
-and replace the simulation's. Per trainable parameter and GPU, with N processes and 16-bit width d
-(DeepSpeed's estimators, `estimate_zero2/3_model_states_mem_needs`: 2 + 18/N bytes for ZeRO-2):
-  stage 1: d (parameter) + d (gradient) + 4/N (fp32 gradient partition) + 12/N (fp32 master, m, v)
-  stage 2: d + (d + 4)/N + 12/N
-  stage 3: d/N + (d + 4)/N + 12/N, plus the parameters gathered while layers run: at most
+and replace the simulation's. Per trainable parameter and GPU, with N processes and 16-bit width d:
+  stage 1: d (parameter) + d (gradient) + 12/N (fp32 master, m, v)
+  stage 2: d + d/N + 12/N
+  stage 3: d/N + d/N + 12/N, plus the parameters gathered while layers run: at most
            stage3_max_live_parameters (DeepSpeed releases above it) and the prefetch bucket
-offload_optimizer moves the fp32 gradients, master weights and moments to host memory;
-offload_param (stage 3) the 16-bit parameter partitions as well. Frozen parameters (P-Tuning,
-LoRA) are 16-bit weights, partitioned under stage 3. Buffers: the gradient reduce buckets
-(reduce_bucket_size elements, two with overlap_comm in stages 1-2) and, stages 1-2, the
-allgather bucket. "auto" values are filled as the HF Trainer fills them (reduce_bucket_size =
+and, during the optimizer step only (the activations are gone by then), 4/N for the fp32 copy of
+the gradient partition: ZeRO-2 at the step is then exactly DeepSpeed's own estimate
+(`estimate_zero2_model_states_mem_needs`: 2 + 18/N bytes). offload_optimizer moves gradients,
+master weights and moments to host memory; offload_param (stage 3) the 16-bit parameter
+partitions as well. Frozen parameters (P-Tuning, LoRA) are 16-bit weights, partitioned under
+stage 3. Buffers: the gradient reduce buckets during the backward (reduce_bucket_size elements,
+two with overlap_comm in stages 1-2), the allgather bucket at the step (stages 1-2). "auto" values are filled as the HF Trainer fills them (reduce_bucket_size =
 hidden^2, stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold =
 10 hidden); unset ones take DeepSpeed's defaults.
 """
@@ -101,46 +102,48 @@ def zero_dtype(config: dict, mixed_precision: str | None) -> torch.dtype:
 
 @dataclass
 class ZeroMemory:
-    """Per GPU: bytes of each model-state part and of DeepSpeed's buffers; per node: host memory."""
-    parts: dict[str, int]
-    buffers: dict[str, int]
+    """Per GPU, in bytes: the model states and DeepSpeed's buffers during the backward (when the
+    activations peak) and during the optimizer step (when the fp32 gradient partition exists and
+    the activations are gone); per node: DeepSpeed's host memory (offload)."""
+    backward: dict[str, int]
+    step: dict[str, int]
     host_per_node: int
     notes: list[str]
 
 
 def zero_memory(settings: ZeroSettings, trainable: int, frozen_bytes: int, total_params: int,
                 world_size: int, gpus_per_node: int) -> ZeroMemory:
-    """`trainable`: trainable parameters; `frozen_bytes`: bytes of the frozen weights as stored
-    on the GPU (16-bit, or bitsandbytes' quantized layout); `total_params`: all parameters."""
-    d, n = settings.dtype_bytes, world_size
-    stage = settings.stage
-    fp32_state = (4 + 12) * trainable / n  # fp32 gradient partition + master weights and Adam moments
-    gradients16 = d * trainable if stage <= 1 else d * trainable / n
-    parts = {
+    """`trainable`: trainable parameters; `frozen_bytes`: bytes of the frozen weights as stored on
+    the GPU (16-bit, or bitsandbytes' layout); `total_params`: all parameters."""
+    d, n, stage = settings.dtype_bytes, world_size, settings.stage
+    offload = settings.offload_optimizer
+    states = {
         "weights": frozen_bytes / n if stage == 3 else frozen_bytes,
         "trainable": d * trainable / n if stage == 3 else d * trainable,
-        "gradients": gradients16 + (0 if settings.offload_optimizer else 4 * trainable / n),
-        "optimizer_states": 0 if settings.offload_optimizer else 12 * trainable / n,
+        # 16-bit gradients: whole in stage 1, this process's partition in stages 2-3 (in host memory with offload)
+        "gradients": 0 if offload else d * trainable if stage <= 1 else d * trainable / n,
+        "optimizer_states": 0 if offload else 12 * trainable / n,  # fp32 master weights, Adam's m and v
     }
     notes = []
-    buffers = {"reduce buckets": settings.reduce_bucket_size * d * (2 if settings.overlap_comm and stage < 3 else 1)}
+    if settings.offload_param:
+        states["weights"] = states["trainable"] = 0
+        notes.append("offload_param: the 16-bit parameter partitions live in host memory")
+    backward = {**states, "DeepSpeed reduce buckets":
+                settings.reduce_bucket_size * d * (2 if settings.overlap_comm and stage < 3 else 1)}
+    if stage == 3:
+        backward["DeepSpeed gathered parameters (stage3_max_live_parameters)"] = min(settings.max_live_parameters, total_params) * d
+        backward["DeepSpeed prefetch bucket"] = min(settings.prefetch_bucket_size, total_params) * d
+    step = {**states, "gradients": states["gradients"] + (0 if offload else 4 * trainable / n)}  # + fp32 partition
     if stage < 3:
-        buffers["allgather bucket"] = settings.allgather_bucket_size * d
-    else:
-        live = min(settings.max_live_parameters, total_params)
-        buffers["gathered parameters (stage3_max_live_parameters)"] = live * d
-        buffers["prefetch bucket"] = min(settings.prefetch_bucket_size, total_params) * d
-        if settings.offload_param:
-            parts["weights"] = parts["trainable"] = 0
-            notes.append("offload_param: the 16-bit parameter partitions live in host memory")
+        step["DeepSpeed allgather bucket"] = settings.allgather_bucket_size * d
     host = 0
-    if settings.offload_optimizer:
-        host += fp32_state * gpus_per_node * HOST_BUFFER_FACTOR
-        notes.append("offload_optimizer: the fp32 gradients, master weights and Adam moments live in host memory")
+    if offload:
+        host += 16 * trainable / n * gpus_per_node * HOST_BUFFER_FACTOR
+        notes.append("offload_optimizer: gradients, fp32 master weights and Adam moments live in host memory")
     if settings.offload_param:
         host += (frozen_bytes + d * trainable) / n * gpus_per_node * HOST_BUFFER_FACTOR
-    return ZeroMemory({k: int(v) for k, v in parts.items()}, {k: int(v) for k, v in buffers.items()},
-                      int(host), notes)
+    as_int = lambda parts: {k: int(v) for k, v in parts.items()}  # noqa: E731
+    return ZeroMemory(as_int(backward), as_int(step), int(host), notes)
 
 
 __all__ = ["ZeroSettings", "ZeroMemory", "zero_settings", "zero_dtype", "zero_memory"]

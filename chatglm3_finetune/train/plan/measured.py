@@ -19,9 +19,9 @@ from .step import run_step
 STEP_MARK = "plan.measured_step"
 
 
-def allocation_peak(prof, window: str = STEP_MARK) -> int:
-    """The highest sum of allocated-minus-freed CPU bytes, over the profiler's raw memory records
-    in time order, reached inside the `window` record_function."""
+def allocation_peak(prof, window: str = STEP_MARK) -> tuple[int, int]:
+    """(the highest sum of allocated-minus-freed CPU bytes, over the profiler's raw memory records in
+    time order, reached inside the `window` record_function; the sum when the window opened)."""
     events = prof.profiler.kineto_results.events()
     marks = [e for e in events if e.name() == window]
     if not marks:
@@ -29,16 +29,19 @@ def allocation_peak(prof, window: str = STEP_MARK) -> int:
     start, end = marks[0].start_ns(), marks[0].start_ns() + marks[0].duration_ns()
     records = sorted((e.start_ns(), e.nbytes()) for e in events
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live, peak = 0, 0
+    live, peak, before = 0, 0, None
     for when, change in records:
+        if before is None and when >= start:
+            before = live
         live += change
         if start <= when <= end:
             peak = max(peak, live)
-    return peak
+    return peak, before or 0
 
 
-def measure_step(spec: RunSpec, seed: int = 0) -> int:
-    """The measured peak of tensor bytes (CPU allocator) of one steady-state step of `spec`."""
+def measure_step(spec: RunSpec, seed: int = 0) -> tuple[int, int]:
+    """(the measured peak of tensor bytes (CPU allocator) during one steady-state step of `spec`,
+    the bytes live when it started: the model and the batch)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build_real_model(spec, seed)
         batch = collate(spec)

@@ -76,18 +76,20 @@ def tensor_parts(spec: RunSpec, step: StepMemory) -> tuple[dict[str, int], str, 
     simulation's under ZeRO; the moment of the peak; DeepSpeed's notes."""
     if not spec.deepspeed:
         return dict(step.peak.parts), step.peak.moment, []
+    zero = _zero(spec, step)
+    activations = {part: step.activation_peak.parts[part] for part in ("inputs", *ACTIVATION_PARTS)}
+    backward = {**zero.backward, **activations}
+    at_step = {**zero.step, "inputs": activations["inputs"]}
+    notes = [f"ZeRO-{spec.zero_stage} over {spec.world_size} processes"] + zero.notes
+    if sum(at_step.values()) > sum(backward.values()):
+        return at_step, "optimizer step (DeepSpeed's fp32 gradient partition)", notes
+    return backward, step.activation_peak.moment, notes
+
+
+def _zero(spec: RunSpec, step: StepMemory):
     settings = zero_settings(spec.deepspeed, spec.config.hidden_size, spec.mixed_precision)
-    frozen_bytes = step.peak.parts["weights"]
-    zero = zero_memory(settings, step.trainable_params, frozen_bytes, step.total_params, spec.world_size,
-                       spec.gpus_per_node)
-    parts = dict(zero.parts)
-    parts["inputs"] = step.activation_peak.parts["inputs"]
-    for part in ACTIVATION_PARTS:
-        parts[part] = step.activation_peak.parts[part]
-    for name, size in zero.buffers.items():
-        parts[f"DeepSpeed {name}"] = size
-    notes = [f"ZeRO-{settings.stage} over {spec.world_size} processes, {settings.dtype_bytes * 8}-bit model"] + zero.notes
-    return parts, step.activation_peak.moment, notes
+    return zero_memory(settings, step.trainable_params, step.peak.parts["weights"], step.total_params,
+                       spec.world_size, spec.gpus_per_node)
 
 
 def planned_peak(spec: RunSpec, full: bool = False) -> tuple[int, int]:
@@ -167,10 +169,7 @@ def make_plan(spec: RunSpec, card: Card | None, card_source: str, memory_bytes: 
                                     bool(spec.quantization_bit), spec.zero_stage, spec.gpus_per_node,
                                     spec.world_size)
     if spec.deepspeed:
-        settings = zero_settings(spec.deepspeed, spec.config.hidden_size, spec.mixed_precision)
-        zero = zero_memory(settings, step.trainable_params, parts.get("weights", 0), step.total_params,
-                           spec.world_size, spec.gpus_per_node)
-        plan.host["offload_per_node_bytes"] = zero.host_per_node
+        plan.host["offload_per_node_bytes"] = _zero(spec, step).host_per_node
     dtype_bytes = torch.tensor([], dtype=spec.weights_dtype).element_size()
     per_checkpoint = checkpoint_bytes(spec.method, step.trainable_params, shape["params"], dtype_bytes,
                                       spec.zero_stage)

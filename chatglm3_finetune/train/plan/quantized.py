@@ -69,8 +69,10 @@ class QuantizedLinearStandIn(nn.Linear):
             self.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Computes in the compute dtype and returns the input's dtype, as bitsandbytes' layers do."""
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
-        return _DequantizingLinear.apply(x.to(self.compute_dtype), self.out_features, self.in_features, bias)
+        out = _DequantizingLinear.apply(x.to(self.compute_dtype), self.out_features, self.in_features, bias)
+        return out.to(x.dtype)
 
 
 def quantize_linear_layers(model: nn.Module, bits: int, compute_dtype: torch.dtype) -> int:

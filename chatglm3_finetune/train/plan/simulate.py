@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 from .build import build_model
 from .fake_tensors import RealIndexTensors, fake_mode
 from .ledger import PARTS, Peak, StorageLedger
+from .quantized import QuantizedLinearStandIn
 from .spec import RunSpec, batch_summary, collate
 from .step import run_step
 
@@ -40,7 +41,8 @@ class StepMemory:
     total_params: int
     batch: dict  # batch_summary of the micro-batch
     seconds: float
-    depth: str  # "full" or "extrapolated from 2 and 3 layers"
+    depth: str  # "full" or "extended from 2 and 3 layers"
+    start_bytes: int = 0  # live before the step: the model's parameters and buffers, the batch
 
 
 class _ModuleStack:
@@ -106,6 +108,10 @@ def simulate(spec: RunSpec, num_layers: int | None = None, round_to: int = CUDA_
             ledger.book(p, "trainable" if p.requires_grad else "weights")
         for buffer in model.buffers():
             ledger.book(buffer, "inputs")
+        for module in model.modules():  # a quantized weight's scales and code tables belong to it
+            if isinstance(module, QuantizedLinearStandIn):
+                for buffer in module.buffers():
+                    ledger.book(buffer, "weights")
         for value in batch.values():
             if isinstance(value, torch.Tensor):
                 ledger.book(value, "inputs")
@@ -113,12 +119,14 @@ def simulate(spec: RunSpec, num_layers: int | None = None, round_to: int = CUDA_
         def on_phase(phase: str) -> None:
             ledger.phase = phase
 
+        start = ledger.total
+
         with mode, RealIndexTensors(), ledger, _ModuleStack(model, ledger):
             run_step(model, batch, spec, on_phase, on_state=lambda part, tensor: ledger.book(tensor, part))
     return StepMemory(peak=ledger.peak, activation_peak=ledger.activation_peak,
                       trainable_params=sum(p.numel() for p in params if p.requires_grad),
                       total_params=sum(p.numel() for p in params), batch=batch_summary(batch),
-                      seconds=time.monotonic() - started, depth="full")
+                      seconds=time.monotonic() - started, depth="full", start_bytes=start)
 
 
 def _extend(shallow: Peak, deeper: Peak, extra_layers: int) -> Peak:
