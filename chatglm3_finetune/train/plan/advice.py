@@ -77,7 +77,8 @@ def candidates(spec: RunSpec) -> list[Change]:
                               "(DS_CONFIG=configs/ds_zero3.json)", spec.replace(deepspeed=zero3)))
     if spec.method != "full" and not spec.quantization_bit and not spec.deepspeed:
         for bits in (8, 4):
-            changes.append(Change(f"a {bits}-bit base", f"--quantization_bit {bits}", spec.replace(quantization_bit=bits)))
+            changes.append(Change(f"{'an' if bits == 8 else 'a'} {bits}-bit base", f"--quantization_bit {bits}",
+                                  spec.replace(quantization_bit=bits)))
     offload = _config("ds_zero3_offload.json")
     if offload and not spec.quantization_bit and not _offloads(spec.deepspeed):
         changes.append(Change("DeepSpeed ZeRO-3 with CPU offload (parameters and optimizer states in host memory)",

@@ -10,7 +10,6 @@ quantized linear layers, P-Tuning v2 prefix or peft LoRA), finetune.py (`use_sup
 from __future__ import annotations
 
 import copy
-import logging
 from types import SimpleNamespace
 
 import torch
@@ -19,8 +18,6 @@ from .deepspeed_rules import zero_dtype
 from .fake_tensors import on_meta, to_fake
 from .quantized import quantize_linear_layers
 from .spec import RunSpec
-
-logger = logging.getLogger(__name__)
 
 
 def _model_args(spec: RunSpec) -> SimpleNamespace:

@@ -18,7 +18,6 @@ model into the output folder.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import torch

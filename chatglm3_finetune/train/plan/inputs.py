@@ -10,7 +10,6 @@ run would load on its GPU (planning happens where that GPU is not).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -20,8 +19,6 @@ import torch
 
 from ...data.encoding import IGNORE_INDEX
 from .spec import Row, RunSpec
-
-logger = logging.getLogger(__name__)
 
 
 class PlanInputError(ValueError):

@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 # The parts of a step's memory, in the order a report lists them.
 PARTS = ("weights", "trainable", "gradients", "optimizer_states", "inputs", "activations_saved",
          "activations_transient", "logits_and_loss")
+MODEL = "the model"  # the name the module stack gives the outermost module
 ACTIVATION_PARTS = ("activations_saved", "activations_transient", "logits_and_loss")
 PHASE_PARTS = {"forward": "activations_saved", "backward": "activations_transient",
                "optimizer step": "activations_transient"}
@@ -105,6 +106,8 @@ class StorageLedger(TorchDispatchMode):
         if self.phase == "backward":
             if where:
                 return f"backward, recomputing {where}"
+            if self.backward_module == MODEL:
+                return "start of the backward (output layer and loss)"
             return f"backward, in {self.backward_module}" if self.backward_module else "backward"
         return f"{self.phase}, in {where}" if where else self.phase
 
@@ -135,4 +138,4 @@ class StorageLedger(TorchDispatchMode):
         return out
 
 
-__all__ = ["PARTS", "ACTIVATION_PARTS", "Peak", "StorageLedger"]
+__all__ = ["PARTS", "ACTIVATION_PARTS", "MODEL", "Peak", "StorageLedger"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 from .advice import advise
 from .cards import DEFAULT_CARD, Card, card_named, closest_card, parse_memory, visible_gpu

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from .build import build_model
 from .fake_tensors import RealIndexTensors, fake_mode
-from .ledger import PARTS, Peak, StorageLedger
+from .ledger import MODEL, PARTS, Peak, StorageLedger
 from .quantized import QuantizedLinearStandIn
 from .spec import RunSpec, batch_summary, collate
 from .step import run_step
@@ -49,7 +49,7 @@ class _ModuleStack:
     """Keeps ledger.module_stack as the names of the modules running now (forward and recomputation)."""
 
     def __init__(self, model: torch.nn.Module, ledger: StorageLedger):
-        self.names = {id(module): name or type(module).__name__ for name, module in model.named_modules()}
+        self.names = {id(module): name or MODEL for name, module in model.named_modules()}
         self.ledger = ledger
         self.handles = []
 

@@ -19,8 +19,6 @@ import torch
 
 from .spec import RunSpec
 
-FOREACH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
-
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: RunSpec) -> torch.optim.Optimizer:
     """AdamW as the Trainer makes it: fused for adamw_torch_fused (the default), else foreach (the
