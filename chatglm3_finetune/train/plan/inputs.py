@@ -186,16 +186,19 @@ def _world(training_args, gpus_per_node: int | None, nodes: int | None) -> tuple
     return local, max(world // max(local, 1), 1)
 
 
-def _steps(training_args, records: int, micro_batch: int, world: int) -> int:
+def _steps(training_args, records: int, micro_batch: int, world: int) -> int | None:
+    """Optimizer steps of the run: --max_steps, else the epochs over the records (None: no data to count)."""
     if training_args.max_steps and training_args.max_steps > 0:
         return training_args.max_steps
+    if not records:
+        return None
     per_epoch = math.ceil(records / max(micro_batch * world, 1))
     return max(math.ceil(per_epoch / training_args.gradient_accumulation_steps) * math.ceil(training_args.num_train_epochs), 1)
 
 
-def _save_steps(training_args, steps: int) -> int | None:
+def _save_steps(training_args, steps: int | None) -> int | None:
     strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
-    if strategy != "steps":
+    if strategy != "steps" or (steps is None and training_args.save_steps < 1):
         return None
     value = training_args.save_steps
     return max(int(math.ceil(value * steps)), 1) if value < 1 else int(value)
@@ -246,7 +249,7 @@ def run_spec(model_args, data_args, training_args, gpus_per_node: int | None = N
     use_cpu = bool(getattr(training_args, "use_cpu", False))
     dtype = planned_dtype(model_args.torch_dtype, method != "full", use_cpu, gpu_bf16)
     world = gpus * node_count
-    steps = _steps(training_args, typical["records"] or micro_batch * world, micro_batch, world)
+    steps = _steps(training_args, typical["records"], micro_batch, world)
     caps = {"max_seq_length": data_args.max_seq_length, "max_source_length": data_args.max_source_length,
             "max_target_length": data_args.max_target_length, "format": _record_format(data_args)}
     return RunSpec(

@@ -133,10 +133,10 @@ def step_flops(spec: RunSpec, shape: dict | None = None) -> float:
     return spec.grad_accum * (per_micro_batch * one + chunks)
 
 
-def time_on(card: Card, flops: float, steps: int) -> dict:
+def time_on(card: Card, flops: float, steps: int | None) -> dict:
     per_step = flops / card.bf16_flops
     return {"card": card.name, "matmul_tflops": card.bf16_flops / 1e12, "rate_source": card.rate_source,
-            "seconds_per_step": per_step, "seconds_for_run": per_step * steps}
+            "seconds_per_step": per_step, "seconds_for_run": per_step * steps if steps else None}
 
 
 # ---- the whole plan ---------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def make_plan(spec: RunSpec, card: Card | None, card_source: str, memory_bytes: 
     final = per_checkpoint["weights"]
     plan.disk = {"per_checkpoint": per_checkpoint, "per_checkpoint_bytes": sum(per_checkpoint.values()),
                  "final_model_bytes": final, "save_every_minutes": spec.save_every_minutes,
-                 **run_disk(sum(per_checkpoint.values()), final, spec.steps, spec.save_steps, spec.save_total_limit)}
+                 **run_disk(sum(per_checkpoint.values()), final, spec.steps or 0, spec.save_steps, spec.save_total_limit)}
     return plan
 
 

@@ -24,7 +24,9 @@ def gb(value: float) -> str:
     return f"{value / GIB:.1f} GB"
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 2 * 3600:
@@ -65,10 +67,11 @@ def summary_line(plan: Plan) -> str:
     """The plan in one line (what every GPU run prints at its start)."""
     where = plan.card.name if plan.card else "the CPU"
     timing = plan.time.get("planned")
-    speed = (f"; >= {_duration(timing['seconds_per_step'])}/step, >= {_duration(timing['seconds_for_run'])} for "
-             f"{plan.spec.steps} steps" if timing else "")
-    return (f"Memory plan: {gb(plan.peak_bytes)} per GPU at the peak of a step, {where} has "
-            f"{gb(plan.memory_bytes)}: {verdict(plan)}{speed}")
+    speed = f"; >= {_duration(timing['seconds_per_step'])}/step" if timing else ""
+    if timing and plan.spec.steps:
+        speed += f", >= {_duration(timing['seconds_for_run'])} for {plan.spec.steps} steps"
+    return (f"Memory plan: {gb(plan.peak_bytes)} per GPU at the peak of a step; {where} ({gb(plan.memory_bytes)}): "
+            f"{verdict(plan)}{speed}")
 
 
 def plan_text(plan: Plan) -> str:
@@ -102,12 +105,14 @@ def plan_text(plan: Plan) -> str:
         lines.append(f"  {card['card']:<14} {gb(card['memory_bytes']):>8}  {verdict(plan, card['memory_bytes']):<26} "
                      f"{_duration(card['seconds_per_step']):>10}  {_duration(card['seconds_for_run']):>8}")
     time = plan.time
+    steps = (f"{time['steps']} steps" if time["steps"]
+             else "steps unknown (no data to count the epochs in: --max_steps sets them)")
     lines += [
         "",
         f"Time: {time['flops_per_step'] / 1e12:.1f} TFLOP per optimizer step and GPU ({spec.grad_accum} micro-batch"
         f"{'es' if spec.grad_accum > 1 else ''} of {spec.micro_batch} {'packed row' if spec.packing else 'record'}"
         f"{'s' if spec.micro_batch > 1 else ''} at the data's typical record length, recomputation included), "
-        f"{time['steps']} steps; at the card's bf16 matmul rate (data sheet, or measured on a visible GPU): "
+        f"{steps}; at the card's bf16 matmul rate (data sheet, or measured on a visible GPU): "
         f"a lower bound, real steps reach about half to three quarters of it",
         f"Host memory at load: {gb(plan.host['per_process_bytes'])} per process, {gb(plan.host['per_node_bytes'])} per "
         f"node ({plan.host['how']})",

@@ -15,7 +15,7 @@ import os
 from .advice import advise
 from .cards import DEFAULT_CARD, Card, card_named, closest_card, parse_memory, visible_gpu
 from .inputs import PlanInputError, run_spec
-from .planner import Plan, make_plan, planned_peak
+from .planner import Plan, allowances, make_plan, planned_peak
 from .report import plan_json, plan_text, summary_line
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ def planned_card(training_args, use_cpu: bool) -> tuple[Card | None, str, int | 
             memory = parse_memory(training_args.gpu_memory)
         except ValueError as e:
             raise PlanInputError(f"--gpu_memory {e}") from None
-        card = closest_card(memory)
-        return card, f"--gpu_memory {training_args.gpu_memory}, time at a {card.name}'s rate", memory
+        rate_of = closest_card(memory)
+        card = Card(f"a {memory / 2 ** 30:.1f} GB GPU", memory, rate_of.bf16_flops, rate_of.rate_source)
+        return card, f"--gpu_memory; time at the rate of an {rate_of.name}", memory
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     visible = visible_gpu(local_rank)
     if visible is not None:
@@ -48,7 +49,13 @@ def plan_for(model_args, data_args, training_args, dataset=None, full: bool = Tr
     spec = run_spec(model_args, data_args, training_args, getattr(training_args, "plan_num_gpus", None),
                     getattr(training_args, "plan_num_nodes", None), dataset=dataset)
     plan = make_plan(spec, card, source, memory, full=full)
-    if not plan.fits and not use_cpu:
+    if plan.fits or use_cpu:
+        return plan
+    fixed = sum(allowances(spec, 0).values())
+    if fixed >= plan.memory_bytes:
+        plan.notes.append(f"the CUDA context and workspaces alone take {fixed / 2 ** 30:.1f} GB of the "
+                          f"{plan.memory_bytes / 2 ** 30:.1f} GB: no change to the run can make it fit")
+    else:
         plan.advice = advise(spec, plan.memory_bytes, lambda candidate: planned_peak(candidate)[0])
     return plan
 

@@ -68,7 +68,7 @@ class RunSpec:
     deepspeed: dict | None = None  # the DeepSpeed config (JSON), "auto" values as given
     gpus_per_node: int = 1
     nodes: int = 1
-    steps: int = 1  # optimizer steps of the whole run
+    steps: int | None = 1  # optimizer steps of the whole run (None: unknown, no data and no --max_steps)
     save_steps: int | None = None  # a checkpoint every N steps (None: none saved by steps)
     save_total_limit: int | None = None
     save_every_minutes: float = 0

@@ -89,14 +89,39 @@ def test_a_card_too_small_gets_the_changes_that_fit_each_planned(finetune_in_pro
     assert "does not fit" in result.stdout and "To fit" in result.stdout
 
 
-def test_a_gpu_run_too_big_for_its_card_stops_before_loading(finetune_in_process, model_and_data, tmp_path):
+def wider_model(tiny_model_dir, folder):
+    """The tiny model's tokenizer with a config 16 times as wide and no weights (a plan needs none)."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=1024, intermediate_size=2048, head_dim=256)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_gpu_run_clearly_too_big_stops_before_loading_and_says_what_fits(finetune_in_process, model_and_data,
+                                                                          tmp_path):
     model, data = model_and_data
-    out = tmp_path / "run"
-    result = finetune_in_process(*options(model, data, out, "--pre_seq_len", "4", "--gpu_memory", "0.25GB"))
+    model = wider_model(model, tmp_path / "wide")  # no weights: loading would fail, the plan stops first
+    out, probe = tmp_path / "run", tmp_path / "probe.json"
+    common = options(model, data, out, "--per_device_train_batch_size", "8", "--activation_checkpointing", "false")
+    assert finetune_in_process(*common, "--plan_json", str(probe)).returncode == 0
+    peak = json.loads(probe.read_text())["peak_bytes"]
+    result = finetune_in_process(*common, "--gpu_memory", f"{peak / 1.3 / 2 ** 20:.0f}MB")
     assert result.returncode == 2
-    assert "Memory plan:" in result.stdout  # the one-line summary every GPU run prints
+    assert "Memory plan:" in result.stdout and "does not fit" in result.stdout  # the line every GPU run prints
     assert "stopped before loading the model" in result.stderr and "--ignore_memory_plan" in result.stderr
+    assert "Changes that fit: " in result.stderr and "--activation_checkpointing" in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_nothing_is_advised_when_the_cuda_allowances_alone_exceed_the_card(finetune_in_process, model_and_data,
+                                                                          tmp_path):
+    model, data = model_and_data
+    result = finetune_in_process(*options(model, data, tmp_path / "run", "--pre_seq_len", "4", "--gpu_memory", "0.25GB"))
+    assert result.returncode == 2 and "a larger GPU" in result.stderr
 
 
 @pytest.mark.slow
@@ -128,6 +153,7 @@ def test_chatglm3_plan_is_finetune_with_plan(model_and_data, tmp_path, capsys):
     assert stopped.value.code == 0 and "Peak on one GPU" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_launcher_plan_runs_one_process_per_rank_plan_without_torchrun(model_and_data, tmp_path):
     model, data = model_and_data
     out, path = tmp_path / "run", tmp_path / "plan.json"

@@ -8,8 +8,10 @@ from plan_cases import make_spec
 
 
 @pytest.mark.parametrize("changes", [
-    dict(method="ptuning"), dict(method="ptuning", checkpointing=False, batch=2),
-    dict(method="lora", projection=False), dict(method="full", grad_accum=2), dict(method="ptuning", packing=True),
+    dict(method="ptuning"), dict(method="full", grad_accum=2),
+    pytest.param(dict(method="ptuning", checkpointing=False, batch=2), marks=pytest.mark.slow),
+    pytest.param(dict(method="lora"), marks=pytest.mark.slow),
+    pytest.param(dict(method="ptuning", packing=True), marks=pytest.mark.slow),
 ])
 def test_simulating_two_shallow_depths_gives_the_full_simulation(changes):
     spec = make_spec("tiny", **changes).replace(config=_deeper(make_spec("tiny").config, 6))
