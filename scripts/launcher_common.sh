@@ -203,14 +203,15 @@ launch_finetune() {
         --activation_checkpointing
         --ddp_find_unused_parameters false
         "${method_args[@]}" "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
-    if [ "${PLAN:-0}" = 1 ]; then
-        exec "$PYTHON" "${command[@]:${#LAUNCHER[@]}}" --plan --plan_num_gpus "$NUM_GPUS" --plan_num_nodes "$NNODES"
+    if [ "${PLAN:-0}" = 1 ]; then  # one process plans each of the run's: finetune.py without its launcher
+        command=("$PYTHON" "${command[@]:${#LAUNCHER[@]}}" --plan --plan_num_gpus "$NUM_GPUS" --plan_num_nodes "$NNODES")
     fi
     if [ "${DRY_RUN:-0}" = 1 ]; then
         printf '%q ' "${command[@]}" | sed 's/ $//'
         echo
         exit 0
     fi
+    if [ "${PLAN:-0}" = 1 ]; then exec "${command[@]}"; fi
     echo "+ $(printf '%q ' "${command[@]}")" >&2
     mkdir -p "$OUTPUT_DIR"
     # tee outlives Ctrl-C and SIGTERM so it still logs what finetune.py prints while it stops.
