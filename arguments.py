@@ -392,7 +392,7 @@ def check_safety_options(training_args) -> None:
 
 
 def check_plan_options(training_args) -> None:
-    from chatglm3_finetune.train.plan.cards import parse_memory
+    from chatglm3_finetune.plan.cards import parse_memory
 
     if getattr(training_args, "gpu_memory", None):
         try:

@@ -40,7 +40,7 @@ from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, pla
 from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
-from chatglm3_finetune.train.plan import check_memory_before_loading  # noqa: E402
+from chatglm3_finetune.plan import check_memory_before_loading  # noqa: E402
 from chatglm3_finetune.data.training_data import (  # noqa: E402
     caps_text, length_limits, load_split, pack_dataset, read_split_records,
 )
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None, plan: bool = False) -> None:
 
 def make_plan(model_args, data_args, training_args) -> int:
     from chatglm3_finetune.data.records import DataError
-    from chatglm3_finetune.train.plan import PlanInputError, print_plan
+    from chatglm3_finetune.plan import PlanInputError, print_plan
 
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:

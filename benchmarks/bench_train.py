@@ -81,7 +81,7 @@ import time
 from pathlib import Path
 
 # The FLOPs formula (see above) lives in the package, where the memory plan uses it too.
-from chatglm3_finetune.train.plan.flops import batch_flops, model_shape  # noqa: E402,F401
+from chatglm3_finetune.plan.flops import batch_flops, model_shape  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -4,7 +4,7 @@
     python benchmarks/plan_check.py                      # tiny and small GLMs, every method
     flock /tmp/bigmem.lock python benchmarks/plan_check.py --shape 6b --cases ptuning --length 64 --bf16
 
-Each case is one steady-state training step (chatglm3_finetune/train/plan/step.py) of a GLM built
+Each case is one steady-state training step (chatglm3_finetune/plan/step.py) of a GLM built
 in code with random weights. "planned": the plan's simulation on fake tensors (full depth;
 CPU allocations, not rounded to CUDA's 512-byte blocks). "measured": torch.profiler's record of
 every CPU allocation and free during the same step run with real tensors (the running sum's
@@ -43,7 +43,7 @@ def spec_for(shape: str, case: str, length: int, batch: int, bf16: bool):
 
     from chatglm3_finetune.data.packing import pack_features
     from chatglm3_finetune.model.tiny_model import tiny_glm_config
-    from chatglm3_finetune.train.plan.spec import Row, RunSpec
+    from chatglm3_finetune.plan.spec import Row, RunSpec
 
     dims = dict(SHAPES[shape])
     vocab = dims.pop("vocab_size")
@@ -68,8 +68,8 @@ def spec_for(shape: str, case: str, length: int, batch: int, bf16: bool):
 
 
 def run_case(shape: str, case: str, length: int, batch: int, bf16: bool) -> dict:
-    from chatglm3_finetune.train.plan.measured import measure_step
-    from chatglm3_finetune.train.plan.simulate import simulate
+    from chatglm3_finetune.plan.measured import measure_step
+    from chatglm3_finetune.plan.simulate import simulate
 
     spec = spec_for(shape, case, length, batch, bf16)
     plan = simulate(spec, round_to=1)

@@ -7,5 +7,4 @@
 - `preemption`: SIGTERM/SIGINT save a checkpoint first; time-based saves;
 - `run_record`: what a rerun may change; `output_folder`: writable, with room; `file_modes`: umask;
 - `run_summary`: the summary a run ends with; `launch_workers`: torchrun for the launchers;
-- `plan`: the memory and time plan of a run (--plan), and the check that stops a run too big for its GPU.
 """

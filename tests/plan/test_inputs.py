@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chatglm3_finetune.data.packing import pack_features
-from chatglm3_finetune.train.plan.inputs import PlanInputError, TokenizedRecords, cap_rows, planned_dtype, read_config
+from chatglm3_finetune.plan.inputs import PlanInputError, TokenizedRecords, cap_rows, planned_dtype, read_config
 
 
 def records(count=40, seed=0):

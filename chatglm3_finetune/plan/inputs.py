@@ -17,7 +17,7 @@ import random
 import numpy as np
 import torch
 
-from ...data.encoding import IGNORE_INDEX
+from ..data.encoding import IGNORE_INDEX
 from .spec import Row, RunSpec
 
 
@@ -28,7 +28,7 @@ class PlanInputError(ValueError):
 def read_config(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    from ...model.checkpoint_folders import is_original_chatglm
+    from ..model.checkpoint_folders import is_original_chatglm
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise PlanInputError(f"{model_path}: no config.json (the plan reads the model's shape from it)")
@@ -45,7 +45,7 @@ def read_config(model_path: str, trust_remote_code: bool = False):
 def planned_dtype(torch_dtype: str | None, frozen_base: bool, use_cpu: bool, gpu_bf16: bool = True) -> torch.dtype:
     """model.loading.resolve_dtype on the run's machine: `auto` puts a frozen base (P-Tuning, LoRA) in
     bf16 on a GPU that has it (fp16 on one that has not), and trained weights or any CPU run in fp32."""
-    from ...model.loading import DTYPES
+    from ..model.loading import DTYPES
 
     if torch_dtype and torch_dtype != "auto":
         return DTYPES[torch_dtype]
@@ -69,7 +69,7 @@ def deepspeed_config(value) -> dict | None:
 
 def cap_rows(data_args, count: int, vocab_size: int) -> tuple[list[Row], str]:
     """Rows as long as the caps allow, the most targets each can hold."""
-    from ...data.training_data import caps_text, caps_to_check
+    from ..data.training_data import caps_text, caps_to_check
 
     limits = caps_to_check(data_args)
     rng = random.Random(0)
@@ -128,7 +128,7 @@ class TokenizedRecords:
 
     def packed_rows(self, row_length: int, count: int) -> list[Row]:
         """The records packed as finetune.py packs them (data.packing); the `count` fullest rows."""
-        from ...data.packing import concatenate_records, pack_lengths
+        from ..data.packing import concatenate_records, pack_lengths
 
         members = pack_lengths(self.lengths.tolist(), row_length)
         members.sort(key=lambda row: (-int(self.lengths[row].sum()), -int(self.targets[row].sum())))
@@ -139,9 +139,9 @@ class TokenizedRecords:
 
 def data_records(model_args, data_args, training_args) -> tuple[TokenizedRecords | None, str]:
     """The training records tokenized as finetune.py does, or (None, why not)."""
-    from ...data.records import DataError
-    from ...data.training_data import load_split, read_split_records
-    from ...format.tokenizer import load_tokenizer
+    from ..data.records import DataError
+    from ..data.training_data import load_split, read_split_records
+    from ..format.tokenizer import load_tokenizer
 
     if not data_args.train_file or not os.path.exists(data_args.train_file):
         return None, f"{data_args.train_file or 'no --train_file'}: not there yet"
@@ -171,7 +171,7 @@ def typical_record(features: list[dict]) -> dict:
 
 
 def _record_format(data_args) -> str | None:
-    from ...data.formats import FIXED_RECORD_FORMAT
+    from ..data.formats import FIXED_RECORD_FORMAT
 
     return getattr(data_args, "resolved_format", None) or FIXED_RECORD_FORMAT.get(data_args.train_format)
 
@@ -208,13 +208,13 @@ def run_spec(model_args, data_args, training_args, gpus_per_node: int | None = N
              gpu_bf16: bool = True, dataset=None) -> RunSpec:
     """The RunSpec of the run these parsed finetune.py options describe. `dataset`: the training
     split finetune.py already tokenized (before packing); read here when not given."""
-    from ...data.training_data import max_sequence_length, packing_row_length
+    from ..data.training_data import max_sequence_length, packing_row_length
 
     config = read_config(model_args.model_name_or_path, model_args.trust_remote_code)
     method = model_args.tuning_method
     pre_seq_len, projection, prefix_hidden = model_args.pre_seq_len, model_args.prefix_projection, model_args.prefix_hidden_size
     if model_args.ptuning_checkpoint:
-        from ...model.ptuning.prefix_checkpoint import read_prefix_settings
+        from ..model.ptuning.prefix_checkpoint import read_prefix_settings
 
         settings = read_prefix_settings(model_args.ptuning_checkpoint)
         pre_seq_len, projection, prefix_hidden = settings.pre_seq_len, settings.prefix_projection, settings.prefix_hidden_size
@@ -238,7 +238,7 @@ def run_spec(model_args, data_args, training_args, gpus_per_node: int | None = N
         source = f"{source} ({why})"
         typical = {**typical_record([r.as_feature() for r in rows]), "records": 0}
         if data_args.packing:
-            from ...data.packing import pack_features
+            from ..data.packing import pack_features
 
             row_length = packing_row_length(data_args, len(rows[0].input_ids))
             copies = [r.as_feature() for r in rows] * max(row_length // len(rows[0].input_ids), 1)

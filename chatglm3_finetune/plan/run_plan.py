@@ -2,7 +2,7 @@
 before the model loads on a GPU (`check_memory_before_loading`).
 
 The card planned for: `--gpu_memory` (its rate from the closest card in the table), else the
-GPU this process would train on (memory read, matmul rate measured), else an A100 80GB; the
+GPU this process would train on (memory read, matmul rate measured), else the table's default card; the
 verdict table adds the common 24, 40 and 80 GB cards.
 """
 

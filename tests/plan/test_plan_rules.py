@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from chatglm3_finetune.train.plan.cards import GIB, closest_card, parse_memory
-from chatglm3_finetune.train.plan.deepspeed_rules import zero_dtype, zero_memory, zero_settings
-from chatglm3_finetune.train.plan.flops import batch_flops, recompute_flops
-from chatglm3_finetune.train.plan.host_disk import checkpoint_bytes, run_disk
-from chatglm3_finetune.train.plan.quantized import quantized_layout
+from chatglm3_finetune.plan.cards import GIB, closest_card, parse_memory
+from chatglm3_finetune.plan.deepspeed_rules import zero_dtype, zero_memory, zero_settings
+from chatglm3_finetune.plan.flops import batch_flops, recompute_flops
+from chatglm3_finetune.plan.host_disk import checkpoint_bytes, run_disk
+from chatglm3_finetune.plan.quantized import quantized_layout
 from conftest import ROOT
 
 P = 6_243_584_000  # ChatGLM3-6B's parameters

@@ -35,9 +35,9 @@ def compute_dtype(spec: RunSpec) -> torch.dtype:
 def _assemble(spec: RunSpec, num_layers: int | None = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from ...model.loading import add_lora
-    from ...model.packed_attention import packing_attention
-    from ...model.ptuning.prefix_model import PrefixTuningModel
+    from ..model.loading import add_lora
+    from ..model.packed_attention import packing_attention
+    from ..model.ptuning.prefix_model import PrefixTuningModel
 
     config = copy.deepcopy(spec.config)
     if num_layers is not None:
@@ -63,7 +63,7 @@ def _assemble(spec: RunSpec, num_layers: int | None = None) -> torch.nn.Module:
 
 def prepare_for_training(model: torch.nn.Module, spec: RunSpec) -> torch.nn.Module:
     """What finetune.py and the Trainer do to the loaded model before the first step."""
-    from ..loss_switch import use_supervised_loss
+    from ..train.loss_switch import use_supervised_loss
 
     if spec.loss_on_targets_only:
         use_supervised_loss(model, chunk_size=spec.loss_chunk_size)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chatglm3_finetune.train.plan.simulate import simulate, simulate_by_depth
+from chatglm3_finetune.plan.simulate import simulate, simulate_by_depth
 from plan_cases import make_spec
 
 
@@ -37,7 +37,7 @@ NORMS_AND_BIASES = (2 * 2 + 1) * 64 + 2 * (64 + 32 + 32)  # elements: RMSNorm we
 
 
 def _quantized_bytes(bits: int) -> int:
-    from chatglm3_finetune.train.plan.quantized import quantized_layout
+    from chatglm3_finetune.plan.quantized import quantized_layout
 
     return sum(torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
                for out, inp in LINEARS for shape, dtype in quantized_layout(out, inp, bits).values())

@@ -2,8 +2,8 @@
 
 import torch
 
-from chatglm3_finetune.train.plan.fake_tensors import RealIndexTensors, fake_mode, on_meta, to_fake
-from chatglm3_finetune.train.plan.ledger import StorageLedger
+from chatglm3_finetune.plan.fake_tensors import RealIndexTensors, fake_mode, on_meta, to_fake
+from chatglm3_finetune.plan.ledger import StorageLedger
 
 
 def test_a_view_is_counted_once_and_freed_with_its_last_tensor():

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from chatglm3_finetune.train.plan.cards import DEFAULT_CARD, card_named
+from chatglm3_finetune.plan.cards import DEFAULT_CARD, card_named
 from conftest import ROOT
 from test_launchers import launcher_env
 

@@ -1,17 +1,19 @@
 """GPUs the plan compares with: their memory and bf16 matmul rate, from a short table or measured.
 
 Table rates are the dense bf16 tensor-core peaks of the vendors' data sheets (no sparsity); a
-square bf16 matmul reaches about 80% of them (an H100 measured 790 of 989 TFLOP/s here), and a
-training step reaches less, so times computed from them are lower bounds. Memory is what
+square bf16 matmul reaches about 80% of them and a training step less, so times computed from
+them are lower bounds. Memory is what
 `torch.cuda.get_device_properties(i).total_memory` reports on those cards (a "24 GB" A10 holds
 22.5 GiB). When a GPU is present its memory is read and its matmul rate measured (about a second).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 2 ** 30
 
@@ -24,17 +26,11 @@ class Card:
     rate_source: str  # "data sheet" or "measured"
 
 
-CARDS = (
-    Card("A10 24GB", int(22.49 * GIB), 125e12, "data sheet"),
-    Card("L4 24GB", int(22.49 * GIB), 121e12, "data sheet"),
-    Card("RTX 4090 24GB", int(23.99 * GIB), 165e12, "data sheet"),
-    Card("A100 40GB", int(39.39 * GIB), 312e12, "data sheet"),
-    Card("A100 80GB", int(79.15 * GIB), 312e12, "data sheet"),
-    Card("H100 80GB", int(79.19 * GIB), 989e12, "data sheet"),
-    Card("H200 141GB", int(139.8 * GIB), 989e12, "data sheet"),
-)
-VERDICT_CARDS = ("A10 24GB", "RTX 4090 24GB", "A100 40GB", "A100 80GB", "H100 80GB")
-DEFAULT_CARD = "A100 80GB"  # planned for when no GPU is visible and none is named
+_TABLE = json.loads((Path(__file__).with_name("cards.json")).read_text())
+CARDS = tuple(Card(card["name"], int(card["memory_gib"] * GIB), card["bf16_tflops"] * 1e12, "data sheet")
+              for card in _TABLE["cards"])
+VERDICT_CARDS = tuple(_TABLE["verdicts"])
+DEFAULT_CARD = _TABLE["default"]  # planned for when no GPU is visible and none is named
 
 
 def card_named(name: str) -> Card:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...data.encoding import IGNORE_INDEX
+from ..data.encoding import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def micro_batch_features(spec: RunSpec) -> list[dict]:
 
 def collate(spec: RunSpec) -> dict:
     """The micro-batch as finetune.py's collator builds it (real integer tensors)."""
-    from ...data.collation import DataCollatorForChatGLM, PackedCollator
+    from ..data.collation import DataCollatorForChatGLM, PackedCollator
 
     features = micro_batch_features(spec)
     if spec.packing:

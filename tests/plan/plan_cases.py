@@ -5,7 +5,7 @@ import random
 import torch
 
 from chatglm3_finetune.model.tiny_model import tiny_glm_config
-from chatglm3_finetune.train.plan.spec import Row, RunSpec
+from chatglm3_finetune.plan.spec import Row, RunSpec
 
 SHAPES = {
     "tiny": dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),

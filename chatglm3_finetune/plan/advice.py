@@ -11,15 +11,15 @@ the advice. When none fits alone, they are combined in the same order until the 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .spec import RunSpec
 
 ENOUGH = 3  # advice lists at most this many changes that fit
 SMALL_CHUNK = 1024
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's DeepSpeed configs
 
 
 @dataclass
@@ -30,11 +30,8 @@ class Change:
 
 
 def _config(name: str) -> dict | None:
-    path = os.path.join(ROOT, "configs", name)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    path = CONFIGS / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _max_targets(spec: RunSpec) -> int:

@@ -2,9 +2,9 @@
 
 import json
 
-from chatglm3_finetune.train.plan.cards import card_named
-from chatglm3_finetune.train.plan.planner import make_plan
-from chatglm3_finetune.train.plan.report import gb, plan_json, plan_text, summary_line
+from chatglm3_finetune.plan.cards import card_named
+from chatglm3_finetune.plan.planner import make_plan
+from chatglm3_finetune.plan.report import gb, plan_json, plan_text, summary_line
 from plan_cases import make_spec
 
 

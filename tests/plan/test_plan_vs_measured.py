@@ -9,8 +9,8 @@ stricter test: the weights, equal in both, do not dilute it).
 import pytest
 import torch
 
-from chatglm3_finetune.train.plan.measured import measure_step
-from chatglm3_finetune.train.plan.simulate import simulate
+from chatglm3_finetune.plan.measured import measure_step
+from chatglm3_finetune.plan.simulate import simulate
 from plan_cases import make_spec
 
 TOLERANCE = 0.05
