@@ -142,6 +142,20 @@ class TrainingArguments(Seq2SeqTrainingArguments):
                 "in every batch layout, packed rows included; never the P-Tuning prefix), all (every position, "
                 "padding included), no; true/false mean all/no", "choices": sorted(TOKEN_COUNTING_VALUES)})
 
+    plan: bool = field(default=False, metadata={
+        "help": "print the memory and time plan of this run (peak GPU memory and its parts, time per step and run, "
+                "host memory, disk, what to change to fit) and exit, without loading the weights; works without a GPU"})
+    plan_json: str | None = field(default=None, metadata={"help": "write the plan as JSON to this file (implies --plan)"})
+    gpu_memory: str | None = field(default=None, metadata={
+        "help": "plan for a GPU of this memory (e.g. 24GB, 2^30 bytes per GB) instead of the one visible; on a GPU "
+                "run, check the plan against it"})
+    plan_num_gpus: int | None = field(default=None, metadata={
+        "help": "--plan: processes (GPUs) per node of the planned run (default: this launch's, 1 without torchrun)"})
+    plan_num_nodes: int | None = field(default=None, metadata={"help": "--plan: nodes of the planned run (default 1)"})
+    ignore_memory_plan: bool = field(default=False, metadata={
+        "help": "start a GPU run even when its memory plan is clearly over the GPU's memory (by default it stops "
+                "before loading the model and prints what to change)"})
+
     def __post_init__(self):
         value = self.include_num_input_tokens_seen
         value = str(value).lower() if isinstance(value, bool) else value
@@ -151,8 +165,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
 
 
-def parse_args(argv: list[str] | None = None):
-    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file.
+def parse_args(argv: list[str] | None = None, plan: bool = False):
+    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file; with `plan` (or
+    --plan / --plan_json among them) built for planning (`parse_for_plan`).
 
     Raises OptionError for a missing or broken options file, an unknown key (with the closest valid
     option), a broken --deepspeed config and values the option classes reject.
@@ -165,10 +180,31 @@ def parse_args(argv: list[str] | None = None):
         check_option_names(options, option_names(parser), path)
         options = numbers_from_text(options, parser, path)
         check_deepspeed_config(options.get("deepspeed"))
+        if plan or options.get("plan") or options.get("plan_json"):
+            return _build(lambda: parse_for_plan(parser, options), f"{path}: ")
         return _build(lambda: parser.parse_dict(options), f"{path}: ")
     namespace, _ = parser.parse_known_args(args=argv)
     check_deepspeed_config(getattr(namespace, "deepspeed", None))
+    if plan or namespace.plan or namespace.plan_json:
+        return _build(lambda: parse_for_plan(parser, vars(parser.parse_args(argv))), "")
     return _build(lambda: parser.parse_args_into_dataclasses(args=argv), "")
+
+
+# What TrainingArguments checks against the machine it runs on (bf16 needs a GPU, --deepspeed starts
+# its distributed setup): a plan is made where the run will not be, so these are set after the checks.
+MACHINE_BOUND_OPTIONS = ("bf16", "fp16", "deepspeed", "use_cpu")
+
+
+def parse_for_plan(parser: HfArgumentParser, options: dict):
+    """The option classes for --plan: built as on a CPU without mixed precision or DeepSpeed (so no
+    GPU is needed), then given the command's own values of those options back."""
+    options = dict(options)
+    kept = {name: options.pop(name) for name in MACHINE_BOUND_OPTIONS if name in options}
+    model_args, data_args, training_args = parser.parse_dict({**options, "use_cpu": True})
+    for name in MACHINE_BOUND_OPTIONS:
+        setattr(training_args, name, kept.get(name, False if name != "deepspeed" else None))
+    training_args.plan = True
+    return model_args, data_args, training_args
 
 
 def _build(parse, where: str):
@@ -272,7 +308,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data_args, name)
-        if path and not os.path.exists(path):
+        if path and not os.path.exists(path) and not getattr(training_args, "plan", False):  # a plan uses the caps
             raise OptionError(f"--{name} {path}: no such file")
     if not os.path.isdir(model_args.model_name_or_path):
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
@@ -307,6 +343,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
     if not data_args.allow_longer_than_model and data_args.train_format in FIXED_RECORD_FORMAT:
         check_fits_model_context(model_args, data_args)
     check_safety_options(training_args)
+    check_plan_options(training_args)
 
 
 def _check_val_size(data_args) -> None:
@@ -352,6 +389,20 @@ def check_safety_options(training_args) -> None:
                           "skipped by loss scaling) before a bad batch can be dropped")
     if getattr(training_args, "save_every_minutes", 0) < 0:
         raise OptionError(f"--save_every_minutes must be >= 0, got {training_args.save_every_minutes}")
+
+
+def check_plan_options(training_args) -> None:
+    from chatglm3_finetune.plan.cards import parse_memory
+
+    if getattr(training_args, "gpu_memory", None):
+        try:
+            parse_memory(training_args.gpu_memory)
+        except ValueError as e:
+            raise OptionError(f"--gpu_memory {e}") from None
+    for name in ("plan_num_gpus", "plan_num_nodes"):
+        value = getattr(training_args, name, None)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name} must be at least 1, got {value}")
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:
