@@ -50,6 +50,7 @@ logger = logging.getLogger("api_server")
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MODEL_NAME = "chatglm3"  # what the docs' examples and the web page send
 HEARTBEAT_S = 0.5  # while nothing can be sent (a tool call is being written), a comment line this often
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -358,7 +359,7 @@ def api_key_check(api_key: str | None):
     return check
 
 
-def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int | None = None,
+def create_app(chat: ChatModel, model_name: str = DEFAULT_MODEL_NAME, max_context: int | None = None,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, cors_origins: list[str] | None = None,
                limits: ServerLimits = ServerLimits(), api_key: str | None = None):
     """The FastAPI app serving `chat`; `max_context` defaults to the model's max_position_embeddings;
@@ -466,8 +467,9 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", default=None,
-                        help="the model id clients see in /v1/models (default: the checkpoint's folder name)")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help=f"the model id clients see in /v1/models and must send as 'model' (another one gets "
+                             f"404 model_not_found; default: {DEFAULT_MODEL_NAME})")
     parser.add_argument("--max-context", type=int, default=None,
                         help="longest prompt + answer in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -505,7 +507,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    return args.model_name or Path(args.pt_checkpoint or args.lora or args.model).resolve().name
+    return args.model_name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -755,7 +755,7 @@ def test_paths_come_from_the_environment_or_flags():
     args = parse_args([], {"MODEL_PATH": "models/base", "TOKENIZER_PATH": "tok", "PT_PATH": "output/pt-run"})
     assert (args.model, args.tokenizer, args.pt_checkpoint, args.lora) == ("models/base", "tok", "output/pt-run", None)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert served_model_name(args) == "pt-run"
+    assert served_model_name(args) == "chatglm3"  # what the docs' examples send; --model-name changes it
     args = parse_args(["--model", "full", "--lora", "adapter", "--host", "0.0.0.0", "--port", "9000",
                        "--max-context", "2048"], {"MODEL_PATH": "ignored", "LORA_PATH": "ignored"})
     assert (args.model, args.lora, args.host, args.port, args.max_context) == ("full", "adapter", "0.0.0.0", 9000, 2048)
