@@ -243,7 +243,8 @@ def test_stop_string_and_max_tokens(tiny_server, tiny_chat):
                                          max_tokens=30, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == content[:content.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
-    short = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Tell me more"}],
+    short = client.chat.completions.create(model="tiny-chatglm3",
+                                           messages=[{"role": "user", "content": "Tell me more"}],
                                            max_tokens=2, temperature=0)
     assert short.usage.completion_tokens <= 2
 
@@ -466,7 +467,8 @@ def test_request_whose_client_left_while_queued_is_skipped(tiny_tokenizer):
     model.replies += [reply_ids(tiny_tokenizer, ("", "First.")), reply_ids(tiny_tokenizer, ("", "Third."))]
     with server, ThreadPoolExecutor(1) as pool:
         client = server.client()
-        first = pool.submit(client.chat.completions.create, model="scripted", messages=[{"role": "user", "content": "1"}])
+        first = pool.submit(client.chat.completions.create, model="scripted",
+                            messages=[{"role": "user", "content": "1"}])
         while not model.prompts:  # the first request holds the model
             time.sleep(0.01)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -670,10 +672,10 @@ def test_extreme_sampling_settings_are_served(tiny_server):
         answer = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, **settings)
         assert answer.usage.completion_tokens >= 1
-    greedy = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                                            temperature=0)
-    tiny = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                                          temperature=1e-300)
+    greedy = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=8, temperature=0)
+    tiny = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=1e-300)
     assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 

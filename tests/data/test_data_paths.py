@@ -92,7 +92,8 @@ def test_each_kind_of_path_is_named(tmp_path):
                                           f"{tmp_path / 'gone.jsonl'}, which does not exist); the data file must be "
                                           f"a regular file")
     assert problems["missing.jsonl"] == f"{tmp_path / 'missing.jsonl'}: no such data file"
-    assert problems["fifo.jsonl"] == f"{tmp_path / 'fifo.jsonl'}: a named pipe (FIFO); the data file must be a regular file"
+    assert problems["fifo.jsonl"] == (f"{tmp_path / 'fifo.jsonl'}: a named pipe (FIFO); the data file must be a "
+                                      f"regular file")
     assert problems["data.sock"] == f"{tmp_path / 'data.sock'}: a socket; the data file must be a regular file"
     assert problems["."] == f"{tmp_path}: a folder; the data file must be a regular file"
     assert file_problem("/dev/zero") == "/dev/zero: a character device; the data file must be a regular file"
@@ -219,7 +220,8 @@ def test_the_other_readers_refuse_a_named_pipe(tmp_path, tiny_model_dir, capsys)
     }
     expected = {"preview": f"error: {pipe}: a named pipe (FIFO); the data file must be a regular file",
                 "inference --input": f"error: {pipe}: a named pipe (FIFO); the data file must be a regular file",
-                "inference --tools": f"error: --tools {pipe}: a named pipe (FIFO); the tools file must be a regular file",
+                "inference --tools": f"error: --tools {pipe}: a named pipe (FIFO); the tools file must be a "
+                                     f"regular file",
                 "advertise_gen": f"error: --path {pipe}: a named pipe (FIFO); the data file must be a regular file",
                 "tool_alpaca": f"error: --path {pipe}: a named pipe (FIFO); the data file must be a regular file"}
     with watched_fifo(pipe) as readers:

@@ -93,7 +93,8 @@ def test_a_key_given_twice_in_a_record_is_refused_with_file_line_and_key(tmp_pat
 
 
 @pytest.mark.parametrize("train_format, record", [
-    ("openai", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": NaN}]}'),
+    ("openai", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+               '"score": NaN}]}'),
     ("sharegpt", '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "w": Infinity}'),
     ("alpaca", '{"instruction": "q", "output": "a", "output": "b"}'),
     ("input-output", '{"prompt": "q", "response": "a", "score": -Infinity}'),
@@ -129,7 +130,8 @@ def test_finetune_refuses_nan_in_the_data_with_exit_2(tiny_model_dir, tmp_path, 
                                  "--preprocessing_cache_dir", str(tmp_path / "cache"))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {path}:2: conversations[1].parameters.t: NaN is not a JSON number "
-                                     f"(Python's json writes it for a float that is not finite); write a number or null")
+                                     f"(Python's json writes it for a float that is not finite); write a number "
+                                     f"or null")
 
 
 # ---- converters ------------------------------------------------------------------------------------------
