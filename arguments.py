@@ -8,7 +8,6 @@ second with a message that says what to do.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -17,7 +16,10 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from chatglm3_finetune.data import strict_json
+from chatglm3_finetune.did_you_mean import did_you_mean
 from chatglm3_finetune.data.formats import FIXED_RECORD_FORMAT
+from chatglm3_finetune.data.paths import data_source_problem, file_problem
 from chatglm3_finetune.data.encoding import TRUNCATION_POLICIES, length_cap_problem
 from chatglm3_finetune.data.records import TRAIN_FORMATS
 from chatglm3_finetune.data.splitting import SplitError, check_val_size
@@ -230,30 +232,71 @@ def read_options_file(path: str) -> dict:
 
 
 def read_json_or_yaml(path: str, what: str):
-    """JSON (a .json file) or YAML; OptionError saying `what` is missing, or where its syntax breaks."""
+    """JSON (a .json file) or YAML; OptionError saying `what` is missing, or where its syntax
+    breaks. A key given twice is refused (both readers would keep the last one silently)."""
     text = _read_file(path, what)
     if path.endswith(".json"):
         return _parse_json(text, path, what)
     import yaml
 
+    _refuse_yaml_line_breaks(text, path)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_yaml_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise OptionError(f"{where}: invalid YAML in the {what}: {getattr(e, 'problem', None) or e}") from None
 
 
+def _unique_keys_yaml_loader():
+    """yaml.SafeLoader that refuses a mapping holding one key twice, at the second one."""
+    import yaml
+
+    class UniqueKeysLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader says what is wrong with it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice in one mapping (a YAML reader keeps only the "
+                                    f"last value); keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeysLoader
+
+
+_YAML_LINE_BREAKS = {"\x85": "U+0085 NEXT LINE", "\u2028": "U+2028 LINE SEPARATOR",
+                     "\u2029": "U+2029 PARAGRAPH SEPARATOR"}
+
+
+def _refuse_yaml_line_breaks(text: str, path: str) -> None:
+    """YAML reads U+0085, U+2028 and U+2029 as line breaks where editors (and line numbers) do not."""
+    for char, name in _YAML_LINE_BREAKS.items():
+        if char in text:
+            line = text.count("\n", 0, text.index(char)) + 1
+            raise OptionError(f"{path}:{line}: a raw {name} character, which YAML reads as a line break; write it "
+                              f"as \\u{ord(char):04x} inside a double-quoted string")
+
+
 def _read_file(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise OptionError(f"{path}: {what} missing (no such file)")
-    with open(path, encoding="utf-8") as f:
+    problem = file_problem(path, what)
+    if problem:
+        raise OptionError(problem)
+    with open(path, encoding="utf-8", newline="") as f:
         return f.read()
 
 
 def _parse_json(text: str, path: str, what: str):
     try:
-        return json.loads(text)
+        return strict_json.loads(text)
+    except strict_json.StrictJsonError as e:
+        raise OptionError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise OptionError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the {what}: {e.msg}") from None
 
@@ -261,8 +304,7 @@ def _parse_json(text: str, path: str, what: str):
 def check_option_names(options: dict, valid: list[str], path: str) -> None:
     for key in options:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else " (python finetune.py --help lists them)"
+            hint = did_you_mean(str(key), valid) or " (python finetune.py --help lists them)"
             raise OptionError(f"{path}: unknown option {key!r}{hint}")
 
 
@@ -308,8 +350,11 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data_args, name)
-        if path and not os.path.exists(path) and not getattr(training_args, "plan", False):  # a plan uses the caps
-            raise OptionError(f"--{name} {path}: no such file")
+        if path and not os.path.exists(path) and getattr(training_args, "plan", False):
+            continue  # a plan made before the data exists uses the caps
+        problem = path and data_source_problem(path)
+        if problem:  # before anything hashes or reads it: a device or a named pipe would never end
+            raise OptionError(f"--{name} {problem}")
     if not os.path.isdir(model_args.model_name_or_path):
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
                           f"(models load from local folders only; convert an original ChatGLM3 folder with "

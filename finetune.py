@@ -103,7 +103,7 @@ def prepare_output_dir(model_args, data_args, training_args) -> str | None:
     try:
         plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
                         step, write=training_args.should_save, start_over=fresh)
-    except ResumeRefused as e:
+    except (ResumeRefused, DataError) as e:
         fail(str(e))
     if plan.finished:
         if training_args.process_index == 0:

@@ -7,7 +7,8 @@
 - `plan`: the memory and time plan of a run, one training step simulated on fake tensors;
 - `serve`: the chat engine, batched decoding, the OpenAI protocol;
 - `evaluate`: generation-based evaluation and its metrics;
-- `compat`: every use of a private library API, behind a version check.
+- `compat`: every use of a private library API, behind a version check;
+- `did_you_mean`: the closest valid choice for an error message (roles, option names).
 
 The top-level files (finetune.py, inference.py, api_server.py, ...) are what users run; they
 import this package, never the other way round.
