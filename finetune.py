@@ -44,6 +44,7 @@ from chatglm3_finetune.train.run_record import mark_finished  # noqa: E402
 from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
+from chatglm3_finetune.plan import check_memory_before_loading  # noqa: E402
 from chatglm3_finetune.data.training_data import (  # noqa: E402
     caps_text, length_limits, load_split, pack_dataset, read_split_records,
 )
@@ -81,9 +82,9 @@ def setup_logging(training_args) -> None:
 def prepare_output_dir(model_args, data_args, training_args, lock: RunLock):
     """Before anything loads: the main process decides (decide_start) and every rank follows; a refusal,
     a finished run and a run that only lacks its final model end the process here. Returns the
-    checkpoint to resume from and the plan (the plan on the main process only)."""
+    checkpoint to resume from and the run plan (on the main process only)."""
     main = training_args.process_index == 0
-    start, plan = decide_start(model_args, data_args, training_args, lock) if main else (None, None)
+    start, run_plan = decide_start(model_args, data_args, training_args, lock) if main else (None, None)
     start = shared_from_main(start, training_args)
     if start.error:
         if main:
@@ -97,12 +98,12 @@ def prepare_output_dir(model_args, data_args, training_args, lock: RunLock):
         sys.exit(0)
     if start.finish_from:
         if main:
-            finish_from_checkpoint(start.finish_from, plan, model_args, training_args)
+            finish_from_checkpoint(start.finish_from, run_plan, model_args, training_args)
         sys.exit(0)
-    return start.resume_from, plan
+    return start.resume_from, run_plan
 
 
-def finish_from_checkpoint(checkpoint: str, plan, model_args, training_args) -> None:
+def finish_from_checkpoint(checkpoint: str, run_plan, model_args, training_args) -> None:
     """The run trained its last step and saved it in `checkpoint`, but its final model is missing or
     incomplete (the final save was cut short): the final model is the checkpoint's."""
     from chatglm3_finetune.train import final_model
@@ -116,7 +117,7 @@ def finish_from_checkpoint(checkpoint: str, plan, model_args, training_args) -> 
         final_model.finish_from_checkpoint(checkpoint, output_dir, state["global_step"])
     except OSError as e:
         fail(str(final_write_failed(output_dir, state["global_step"], e)), WRITE_FAILED_EXIT_CODE)
-    plan.save_start(output_dir)
+    run_plan.save_start(output_dir)
     final_model.write_results(output_dir, "train", {**final_model.run_totals_metrics(state, RUN_TOTALS),
                                                     "finished_from_checkpoint": checkpoint})
     mark_finished(output_dir, state["global_step"], schedule(training_args))
@@ -176,18 +177,22 @@ def evaluated_at_the_last_step(trainer) -> dict | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, plan: bool = False) -> None:
     started = time.monotonic()
     try:
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args = parse_args(argv, plan=plan)
         check_options(model_args, data_args, training_args)
         check_versions()
     except (OptionError, UntestedVersionError) as e:
         fail(str(e))
+    if training_args.plan:  # --plan / --plan_json: the memory and time plan, nothing loaded or written
+        sys.exit(make_plan(model_args, data_args, training_args))
     setup_logging(training_args)
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
+    if training_args.do_train:  # a GPU run too big for its GPU stops here, before anything loads or is written
+        check_memory_plan(model_args, data_args, training_args)
     lock = RunLock(training_args.output_dir)
     created = CreatedFolder(training_args.output_dir)
     try:
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(model_args, data_args, training_args, lock: RunLock, started: float) -> None:
-    resume_from, plan = prepare_output_dir(model_args, data_args, training_args, lock)
+    resume_from, run_plan = prepare_output_dir(model_args, data_args, training_args, lock)
 
     try:
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
@@ -254,8 +259,8 @@ def run(model_args, data_args, training_args, lock: RunLock, started: float) -> 
         processing_class=tokenizer, compute_metrics=generation.compute_metrics if generating else None,
         max_new_tokens=data_args.max_target_length,
     )
-    if plan is not None:
-        plan.save_start(training_args.output_dir)  # training starts now: the record gets this start
+    if run_plan is not None:
+        run_plan.save_start(training_args.output_dir)  # training starts now: the record gets this start
     if training_args.should_save:
         write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
 
@@ -302,6 +307,38 @@ def run(model_args, data_args, training_args, lock: RunLock, started: float) -> 
             {name: report for name, (_, report) in splits.items()}, caps_text(length_limits(data_args)), trained,
             results, training_args.output_dir, model_args.tuning_method, model_args.model_name_or_path)), flush=True)
     finish_distributed()
+
+
+def make_plan(model_args, data_args, training_args) -> int:
+    from chatglm3_finetune.data.records import DataError
+    from chatglm3_finetune.plan import PlanInputError, print_plan
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        return print_plan(model_args, data_args, training_args)
+    except (PlanInputError, DataError, OptionError) as e:
+        fail(str(e))
+
+
+def check_memory_plan(model_args, data_args, training_args) -> None:
+    """GPU runs: the plan's summary line, and a stop (exit 2) when the run clearly does not fit. A plan
+    that cannot be made does not stop the run: loading reports what is wrong with the model or data."""
+    from chatglm3_finetune.data.records import DataError
+
+    try:
+        too_big = check_memory_before_loading(model_args, data_args, training_args)
+    except DataError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - the plan is advice; the run itself decides what fails
+        logger.warning("No memory plan for this run (%s: %s); going on without the check", type(e).__name__, e)
+        return
+    if too_big:
+        fail(too_big)
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """The console command chatglm3-plan: finetune.py's options, planned (as with --plan)."""
+    main(argv, plan=True)
 
 
 def start_deepspeed_comm() -> None:

@@ -10,5 +10,5 @@
 - `manifest`: sizes and checksums that make a checkpoint or the final model complete; `checkpoints`: the
   one to resume from, and the rotation; `final_model`: the final save, aside then moved into place;
 - `output_folder`: apart from the inputs, writable, with room; `file_modes`: umask;
-- `run_summary`: the summary a run ends with; `launch_workers`: torchrun for the launchers.
+- `run_summary`: the summary a run ends with; `launch_workers`: torchrun for the launchers;
 """

@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..data.records import DataError
 from .checkpoints import (Choice, NoGoodCheckpoint, checkpoint_problem, checkpoint_step, choose_checkpoint,
                           read_trainer_state, set_damaged_aside)
 from .output_folder import check_writable, near_inputs_problem, start_over
@@ -63,8 +64,11 @@ def decide_start(model_args, data_args, training_args, lock: RunLock) -> tuple[S
         no_good = e  # refused below, unless the run finished and its final model is intact
     step = choice.global_step if choice else None
     try:
-        plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
-                        step, write=False, start_over=fresh, checkpoint_at_end=bool(choice and choice.at_end))
+        settings = trained_settings(model_args, data_args, training_args)  # DataError: a data path that is no file
+        plan = plan_run(output_dir, settings, schedule(training_args), step, write=False, start_over=fresh,
+                        checkpoint_at_end=bool(choice and choice.at_end))
+    except DataError as e:
+        return Start(error=str(e)), None
     except ResumeRefused as e:
         return Start(error=str(no_good or e)), None
     if plan.finished:
