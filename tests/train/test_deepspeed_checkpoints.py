@@ -23,6 +23,7 @@ STEPS = 4
 PRE_SEQ_LEN = 32  # the prefix outweighs DeepSpeed's per-file metadata, so the size bound says something
 PTUNING = f"--pre_seq_len {PRE_SEQ_LEN}"
 LORA = "--lora_rank 4 --lora_alpha 8"
+QLORA = f"{LORA} --lora_dropout 0 --quantization_bit 4"  # no dropout: one rank and two see the same batches
 BYTES_PER_TRAINED_PARAMETER = 4 * 4  # fp32 weight, fp32 master copy, Adam's two moments
 
 
@@ -37,14 +38,14 @@ def advertise_gen(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def train(tiny_model_dir, advertise_gen, tmp_path_factory):
-    """train(name, extra, **variables) -> the output folder of a finished one-rank finetune_ds.sh run
-    of STEPS steps with a checkpoint every 2 steps."""
-    def run(name: str, extra: str, **variables) -> Path:
+    """train(name, extra, ranks=1, **variables) -> the output folder of a finished finetune_ds.sh run of
+    STEPS steps of 2 records with a checkpoint every 2 steps."""
+    def run(name: str, extra: str, ranks: int = 1, **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
+            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=2, LOGGING_STEPS=1,
-            DEV_BATCH_SIZE=2, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=32, MAX_TARGET_LEN=32, SAVE_EVERY_MINUTES=0,
+            DEV_BATCH_SIZE=2 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=32, MAX_TARGET_LEN=32, SAVE_EVERY_MINUTES=0,
             EXTRA_ARGS=f"--report_to none --max_train_samples 16 --disable_tqdm true "
                        f"--preprocessing_cache_dir {output_dir.parent / 'cache'} {extra}",
             **variables)
@@ -54,7 +55,7 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
 
 
 def resumed(train, name: str, run: Path, extra: str, **variables) -> Path:
-    """A second process that continues `run` from its step-2 checkpoint to step STEPS."""
+    """A second run that continues `run` from its step-2 checkpoint to step STEPS."""
     return train(name, f"{extra} --resume_from_checkpoint {run / 'checkpoint-2'}", **variables)
 
 
@@ -245,6 +246,25 @@ def test_lora_checkpoints_hold_the_adapter_and_its_optimizer_state_only(run, req
 def test_lora_resumes_bitwise_under_zero3(lora_zero3, train):
     again = resumed(train, "lora_zero3_resumed", lora_zero3, LORA, LR="0.01", DS_CONFIG="configs/ds_zero3.json")
     assert_resumed_bitwise(lora_zero3, again)
+
+
+@pytest.mark.slow
+def test_qlora_under_zero3_on_two_ranks_trains_checkpoints_the_adapter_and_resumes(train):
+    """4-bit weights, packed in the compute dtype, are what ZeRO-3 partitions across the ranks: two ranks
+    log the losses of one ZeRO-2 process, checkpoint the adapter alone (no quantization constants of
+    the base) and resume bitwise."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: quantized bases cannot be tested")
+    two_ranks = train("qlora_zero3_2", QLORA, ranks=2, LR="0.01", DS_CONFIG="configs/ds_zero3.json")
+    one_process = train("qlora_zero2", QLORA, LR="0.01")
+    assert logged_losses(two_ranks) == pytest.approx(logged_losses(one_process), abs=1e-4)
+    assert logged_losses(two_ranks)[-1] < logged_losses(two_ranks)[0]
+    checkpoint = two_ranks / f"checkpoint-{STEPS}"
+    assert len(deepspeed_files(checkpoint)) == 4  # model and optimizer states of each rank
+    assert_holds_only_trained_state(checkpoint, is_lora)
+    assert_within_twice_the_trained_state(checkpoint)
+    again = resumed(train, "qlora_zero3_2_resumed", two_ranks, QLORA, ranks=2, LR="0.01",
+                    DS_CONFIG="configs/ds_zero3.json")
+    assert_resumed_bitwise(two_ranks, again)
 
 
 # ---- ZeRO-3 with CPU offload -------------------------------------------------------------------------
