@@ -326,7 +326,7 @@ def check_flash_attention(model_args, data_args, training_args) -> None:
                           f"computation with sdpa and eager only; {other}, or train LoRA with flash_attention_2")
     if importlib.util.find_spec("flash_attn") is None:
         raise OptionError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not installed: "
-                          f"pip install flash-attn --no-build-isolation (on a machine with CUDA), or {other}")
+                          f"pip install flash-attn (on a machine with CUDA), or {other}")
     weights = resolve_dtype(model_args.torch_dtype, frozen_base=model_args.tuning_method != "full",
                             use_cpu=training_args.use_cpu)
     if weights == torch.float32 and not (training_args.bf16 or training_args.fp16):

@@ -208,7 +208,7 @@ def test_flash_attention_without_the_package_says_what_to_do(tmp_path, capsys, t
                    **FLASH)
     assert finetune_error(capsys, as_flags(options)) == (
         "error: --attn_implementation flash_attention_2 needs the flash-attn package, which is not installed: "
-        "pip install flash-attn --no-build-isolation (on a machine with CUDA), or use --attn_implementation sdpa "
+        "pip install flash-attn (on a machine with CUDA), or use --attn_implementation sdpa "
         "(the default)")
     assert finetune_error(capsys, as_flags(dict(options, packing=True))).endswith(
         "or drop --attn_implementation (--packing then attends per record with packed_sdpa)")
