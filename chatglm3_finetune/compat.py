@@ -1,4 +1,5 @@
-"""Every use of a private transformers / torch / bitsandbytes / DeepSpeed API, behind a check of the installed versions.
+"""Every use of a private transformers / torch / bitsandbytes / DeepSpeed API, behind a check of the
+installed versions.
 
 These internals change without notice between releases, and a changed one rarely fails: it
 silently computes something else (a prefix dropped under gradient checkpointing, a label count
@@ -209,7 +210,6 @@ def _trained_by_deepspeed(params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping") for param in params)
 
 
-@_uses("deepspeed")
 def deepspeed_master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full fp32 weights DeepSpeed's optimizer trains for `module`'s parameters, or None when no
     DeepSpeed optimizer trains them. Under fp16/bf16 the module's own parameters are only their
@@ -217,18 +217,19 @@ def deepspeed_master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]
     params = dict(module.named_parameters())
     if not _trained_by_deepspeed(list(params.values())):
         return None
+    check_version("deepspeed")
     from deepspeed.utils import safe_get_full_fp32_param
 
     return {name: safe_get_full_fp32_param(param) for name, param in params.items()}
 
 
-@_uses("deepspeed")
 def set_deepspeed_master_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Sets the fp32 weights DeepSpeed's optimizer trains for `module` (each rank its own part);
     False, and nothing set, when no DeepSpeed optimizer trains them."""
     params = dict(module.named_parameters())
     if not _trained_by_deepspeed(list(params.values())):
         return False
+    check_version("deepspeed")
     from deepspeed.utils import safe_set_full_fp32_param
 
     for name, param in params.items():
