@@ -5,6 +5,7 @@
 #   NUM_GPUS=2 LR=1e-2 PRE_SEQ_LEN=64 bash scripts/finetune_pt.sh
 #   USE_CPU=1 BASE_MODEL_PATH=models/tiny-chatglm3 MAX_STEP=20 bash scripts/finetune_pt.sh
 #   bash scripts/finetune_pt.sh --prefix_projection               # more finetune.py flags
+#   QUANTIZATION_BIT=8 bash scripts/finetune_pt.sh                  # a frozen 8-bit base (4 also works)
 #
 # LoRA is scripts/finetune_lora.sh (finetune.py refuses --lora_rank together with --pre_seq_len).
 # The variables, and how the processes start: scripts/launcher_common.sh.

@@ -4,6 +4,7 @@
 #   BASE_MODEL_PATH=models/chatglm3-6b bash scripts/finetune_pt_multiturn.sh
 #   OUTPUT_DIR=output/tool_alpaca_pt-20261127-101500-128-2e-2 bash scripts/finetune_pt_multiturn.sh   # resume
 #   EXTRA_ARGS="--prefix_projection --run_name 'my run'" bash scripts/finetune_pt_multiturn.sh
+#   QUANTIZATION_BIT=4 bash scripts/finetune_pt_multiturn.sh        # a frozen 4-bit base (8 also works)
 #
 # The variables, and how the processes start: scripts/launcher_common.sh.
 source "$(dirname "$0")/launcher_common.sh"
