@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,20 +42,23 @@ MIB = 2 ** 20
 # ---- measuring, in the child processes --------------------------------------------------------------
 
 def memory_status() -> dict:
-    """Current VmRSS, RssAnon and RssFile of this process, in MiB."""
+    """Current VmRSS, RssAnon and RssFile, and the peak VmHWM, of this process, in MiB."""
     values = {}
     with open("/proc/self/status") as f:
         for line in f:
             key = line.split(":")[0]
-            if key in ("VmRSS", "RssAnon", "RssFile"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 values[key] = int(line.split()[1]) / 1024
     return values
 
 
 class PeakSampler:
-    """The highest RssAnon seen, sampled every 10 ms in a thread (the kernel keeps only the VmRSS peak)."""
+    """From now on: the peak RSS (the kernel's VmHWM, reset here) and the highest RssAnon, which the
+    kernel does not keep, sampled every 10 ms in a thread."""
 
     def __init__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux 4.0+)
         self.peak_anon = 0.0
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -129,7 +131,7 @@ def child_rank(spec: dict) -> dict:
 def result_row(spec: dict, baseline: dict, sampler: PeakSampler, seconds: float, model) -> dict:
     held = [getattr(p, "ds_tensor", p) for p in model.parameters()]
     return {**spec, "baseline_mib": round(baseline["VmRSS"]),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline["VmRSS"]),
+            "peak_rss_mib": round(memory_status()["VmHWM"] - baseline["VmRSS"]),
             "peak_anon_mib": round(sampler.peak_anon - baseline["RssAnon"]),
             "held_mib": round(sum(t.numel() * t.element_size() for t in held) / MIB),
             "held_dtypes": sorted({str(t.dtype).replace("torch.", "") for t in held}), "seconds": round(seconds, 1)}
