@@ -1,7 +1,8 @@
 """Full fine-tuning under DeepSpeed bf16 loads the model in bf16 (`--torch_dtype auto`), not fp32: the
 DeepSpeed engine casts the weights to bf16 anyway and ZeRO keeps the fp32 master copy in the
 optimizer's partitions, so training is the same to the bit, with half the host memory at load
-(benchmarks/bench_load_memory.py measures it)."""
+(benchmarks/bench_load_memory.py measures it). Under ZeRO-3 the model is built partitioned
+(zero.Init), because finetune.py knows the DeepSpeed config before it loads the model."""
 
 import json
 import re
@@ -46,6 +47,8 @@ def test_bf16_full_fine_tuning_loads_bf16_and_trains_as_from_fp32(config, tiny_m
     loaded = {dtype: re.search(r"Loaded .*\(GlmForCausalLM, [\d.]+M parameters, (torch\.\w+)", result.stdout).group(1)
               for dtype, result in runs.items()}
     assert loaded == {"auto": "torch.bfloat16", "float32": "torch.float32"}
+    if "zero3" in config:  # built partitioned: the DeepSpeed config was known before the model loaded
+        assert all("activating zero.init() for this model" in result.stdout for result in runs.values())
     losses = {dtype: logged_losses(tmp_path / dtype / "run") for dtype in runs}
     assert len(losses["auto"]) == STEPS and losses["auto"][-1] < losses["auto"][0]
     assert losses["auto"] == losses["float32"]  # exactly: the same bf16 weights and fp32 master copy
