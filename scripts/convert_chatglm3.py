@@ -10,6 +10,7 @@ The weights are written in bfloat16 unless --dtype says otherwise: the original 
 is float16, but training and inference on Ampere or newer GPUs run in bfloat16, and a model stored in
 the dtype it is loaded in needs no conversion pass when loading. --dtype float16 keeps the original
 weights exactly (for V100/T4, which have no bfloat16).
+
 With --ptuning, an original P-Tuning v2 checkpoint becomes a prefix in this toolkit's format, which
 prefix_model.PrefixTuningModel.from_pretrained(base, folder) loads with its settings inside.
 """

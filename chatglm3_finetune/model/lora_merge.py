@@ -22,10 +22,8 @@ import re
 import shutil
 import sys
 
-from .loading import DTYPES
-
 from ..train.file_modes import respect_umask
-from .loading import peft_deprecations_silenced
+from .loading import DTYPES, load_base_model, peft_deprecations_silenced
 
 logger = logging.getLogger("merge_lora")
 
@@ -100,7 +98,10 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     adapter_config = read_adapter_config(adapter)
     base = resolve_base(base, adapter_config, adapter)
     check_output(output, base, adapter)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
+    if dtype in DTYPES:  # one copy in memory, whatever dtype the base is stored in
+        model = load_base_model(base, DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     try:
         with peft_deprecations_silenced():
             model = PeftModel.from_pretrained(model, adapter)
