@@ -23,6 +23,10 @@
 #                    shell words: quotes group words ("--run_name 'two words'"); nothing in them is
 #                    expanded or run
 #   DRY_RUN=1        print the command (ready to paste) instead of running it
+#   PLAN=1           print the run's memory and time plan (finetune.py --plan: peak GPU memory and its
+#                    parts per process, time, host memory, disk, what to change to fit) instead of
+#                    running it: one process on this machine, no GPU and no torchrun needed, the
+#                    weights never loaded; NUM_GPUS/NNODES say how many processes to plan for
 #   PYTHON           the interpreter (default: the active virtual environment's, else the
 #                    project's .venv/bin/python, else python3); torchrun and DeepSpeed's launcher
 #                    run as its modules, so nothing depends on PATH
@@ -162,7 +166,7 @@ launch_finetune() {
     local method_args length_args
     case "$method" in
         full)
-            # a checkpoint holds weights and optimizer states: about 15 bytes per parameter
+            # a checkpoint holds weights and optimizer states: 14-16 bytes per parameter
             defaults DS_CONFIG=configs/ds_zero2.json SAVE_TOTAL_LIMIT=2
             method_args=(--deepspeed "$DS_CONFIG")
             suffix=$LR ;;
@@ -211,11 +215,15 @@ launch_finetune() {
         --activation_checkpointing
         --ddp_find_unused_parameters false
         "${method_args[@]}" "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
+    if [ "${PLAN:-0}" = 1 ]; then  # one process plans each of the run's: finetune.py without its launcher
+        command=("$PYTHON" "${command[@]:${#LAUNCHER[@]}}" --plan --plan_num_gpus "$NUM_GPUS" --plan_num_nodes "$NNODES")
+    fi
     if [ "${DRY_RUN:-0}" = 1 ]; then
         printf '%q ' "${command[@]}" | sed 's/ $//'
         echo
         exit 0
     fi
+    if [ "${PLAN:-0}" = 1 ]; then exec "${command[@]}"; fi
     echo "+ $(printf '%q ' "${command[@]}")" >&2
     mkdir -p "$OUTPUT_DIR"
     # tee outlives Ctrl-C and SIGTERM so it still logs what finetune.py prints while it stops.
