@@ -40,8 +40,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "folder of a transformers causal LM (e.g. a converted ChatGLM3-6B)"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder, if not the model folder"})
     torch_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the base model: auto (bf16/fp16 for a frozen base on GPU, fp32 otherwise), "
-                "float32, float16, bfloat16", "choices": TORCH_DTYPES})
+        "help": "dtype the model is loaded in: auto (a frozen base on GPU: bf16, fp16 where bf16 is missing; "
+                "full fine-tuning under DeepSpeed: its bf16/fp16; else fp32), float32, float16, bfloat16",
+        "choices": TORCH_DTYPES})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model folder's own code (off by default)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
     ptuning_checkpoint: str | None = field(default=None, metadata={
