@@ -26,7 +26,7 @@ from chatglm3_finetune.data.encoding import TRUNCATION_POLICIES, length_cap_prob
 from chatglm3_finetune.data.records import TRAIN_FORMATS
 from chatglm3_finetune.data.splitting import SplitError, check_val_size
 from chatglm3_finetune.data.training_data import caps_to_check, length_limits, max_sequence_length
-from chatglm3_finetune.model.loading import DTYPES, resolve_dtype
+from chatglm3_finetune.model.loading import DTYPES, deepspeed_dtype, resolve_dtype
 
 from chatglm3_finetune.train.supervised_loss import DEFAULT_CHUNK_SIZE
 TORCH_DTYPES = ("auto", *DTYPES)
@@ -42,8 +42,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "folder of a transformers causal LM (e.g. a converted ChatGLM3-6B)"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder, if not the model folder"})
     torch_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the base model: auto (bf16/fp16 for a frozen base on GPU, fp32 otherwise), "
-                "float32, float16, bfloat16", "choices": TORCH_DTYPES})
+        "help": "dtype the model is loaded in: auto (a frozen base on GPU: bf16, fp16 where bf16 is missing; "
+                "full fine-tuning under DeepSpeed: its bf16/fp16; else fp32), float32, float16, bfloat16",
+        "choices": TORCH_DTYPES})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model folder's own code (off by default)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
     ptuning_checkpoint: str | None = field(default=None, metadata={
@@ -397,7 +398,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
 
 def check_flash_attention(model_args, data_args, training_args) -> None:
     """--attn_implementation flash_attention_2 needs the flash-attn package, no P-Tuning prefix, and
-    bf16/fp16 compute (weights in half precision, or --bf16/--fp16: autocast, or DeepSpeed's cast)."""
+    bf16/fp16 compute (weights loaded in half precision, or --bf16/--fp16: autocast)."""
     if model_args.attn_implementation != "flash_attention_2":
         return
     other = ("drop --attn_implementation (--packing then attends per record with packed_sdpa)" if data_args.packing
@@ -410,7 +411,7 @@ def check_flash_attention(model_args, data_args, training_args) -> None:
         raise OptionError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not installed: "
                           f"pip install flash-attn (on a machine with CUDA), or {other}")
     weights = resolve_dtype(model_args.torch_dtype, frozen_base=model_args.tuning_method != "full",
-                            use_cpu=training_args.use_cpu)
+                            use_cpu=training_args.use_cpu, deepspeed_dtype=deepspeed_dtype(training_args))
     if weights == torch.float32 and not (training_args.bf16 or training_args.fp16):
         raise OptionError("--attn_implementation flash_attention_2 computes in bf16 or fp16 only, and this run computes "
                           f"in fp32: add --bf16 (or --fp16; the launchers: PRECISION=bf16), or {other}")

@@ -232,8 +232,8 @@ def test_flash_attention_with_ptuning_is_refused_with_why_and_what_instead(tmp_p
 
 def test_flash_attention_refuses_fp32_compute(tmp_path, capsys, tiny_model_dir, formatted_samples, no_model_load,
                                               flash_attn_installed):
-    """Full fine-tuning loads fp32 weights: flash-attention then needs autocast (--bf16/--fp16) or DeepSpeed's
-    cast to see half precision; a frozen base loaded in bf16 needs neither."""
+    """Full fine-tuning without DeepSpeed loads fp32 weights: flash-attention then needs autocast (--bf16 or
+    --fp16) to see half precision; a frozen base loaded in bf16 needs none."""
     full = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), **FLASH)
     assert finetune_error(capsys, as_flags(full)) == (
         "error: --attn_implementation flash_attention_2 computes in bf16 or fp16 only, and this run computes in fp32: "

@@ -2,9 +2,9 @@
 through (arguments.check_flash_attention): half-precision queries, keys and values. flash-attn needs a
 GPU, so an attention function registered in its place records the dtypes transformers' flash-attention
 wrapper would pass on (it casts fp32 inputs to the autocast dtype, else to the weights' dtype) and
-computes with sdpa, in finetune.py runs on the CPU. Full fine-tuning loads fp32 weights: --bf16 reaches
-flash-attention through autocast (plain Trainer) or DeepSpeed's cast of the model; without it, fp32,
-which flash-attn rejects and the option check refuses."""
+computes with sdpa, in finetune.py runs on the CPU. With --bf16, full fine-tuning under DeepSpeed loads
+the model in bf16, and without DeepSpeed it loads fp32 weights that autocast reaches; without --bf16,
+fp32, which flash-attn rejects and the option check refuses."""
 
 import json
 import os
