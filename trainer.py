@@ -27,9 +27,9 @@ from chatglm3_finetune.train.manifest import write_manifest
 from chatglm3_finetune.train.output_folder import WRITE_ERRORS, final_write_failed, write_failed
 from chatglm3_finetune.train.preemption import PreemptionSaver
 from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
-from chatglm3_finetune.compat import (declare_causal_label_shift, require_trainer_hooks,
-                                           trainer_generation_kwargs, trainer_prepare_inputs,
-                                           training_args_file_name)
+from chatglm3_finetune.compat import (declare_causal_label_shift, deepspeed_saves_trained_parameters_only,
+                                      require_trainer_hooks, set_deepspeed_master_weights, trainer_generation_kwargs,
+                                      trainer_prepare_inputs, training_args_file_name)
 from chatglm3_finetune.train.token_counts import input_tokens, supervised_tokens
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: tota
 
 class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint", "_get_grad_norm", "_save_checkpoint",
                                           "_load_callback_state", "_load_optimizer_and_scheduler",
-                                          "_track_num_input_tokens")):
+                                          "_track_num_input_tokens", "_save_optimizer_and_scheduler",
+                                          "_prepare_for_training")):
     """The loss contract: models declare `accepts_loss_kwargs` (loss_switch.SupervisedLossSwitch)
     and every model kind's targets are counted with the causal label shift, here and in the
     Trainer's `num_items_in_batch` (`count_targets`)."""
@@ -255,6 +256,34 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, training_args_file_name()))
+
+    # ---- DeepSpeed checkpoints of a frozen base (P-Tuning, LoRA) -------------------------------------
+
+    def _frozen_base_under_deepspeed(self) -> bool:
+        from peft import PeftModel
+
+        return self.is_deepspeed_enabled and isinstance(self._unwrapped(), (PrefixTuningModel, PeftModel))
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """DeepSpeed checkpoints of P-Tuning and LoRA hold what trains and its optimizer state, not the base
+        (transformers leaves frozen parameters out for peft models only, and neither leaves out a 4/8-bit
+        base's quantization constants). Resuming loads the base from the model folder."""
+        if not self._frozen_base_under_deepspeed():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        with deepspeed_saves_trained_parameters_only(self.model_wrapped):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """A new P-Tuning run under DeepSpeed fp16/bf16 ZeRO-1/2 starts from the prefix's exact fp32 values:
+        DeepSpeed would make its fp32 master copy from the half-precision one it casts the module to."""
+        model = self._unwrapped()
+        prefix = None
+        if self.is_deepspeed_enabled and isinstance(model, PrefixTuningModel) and not resume_from_checkpoint:
+            prefix = model.prefix_state_dict()
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if prefix is not None:
+            set_deepspeed_master_weights(model.prefix_encoder, prefix)
+        return prepared
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -4,6 +4,7 @@
 #   bash scripts/finetune_pt.sh
 #   NUM_GPUS=2 LR=1e-2 PRE_SEQ_LEN=64 bash scripts/finetune_pt.sh
 #   bash scripts/finetune_pt.sh --prefix_projection               # more finetune.py flags
+#   QUANTIZATION_BIT=8 bash scripts/finetune_pt.sh                  # a frozen 8-bit base (4 also works)
 #
 # On a CPU, with the demo's tiny model and data (bash scripts/demo.sh builds them), in about a minute on
 # two cores (the defaults above are sized for a GPU and the 6B model: 32 records a step, a

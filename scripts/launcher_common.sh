@@ -16,7 +16,10 @@
 #                    (finetune.py continues from its newest checkpoint; train.log is appended to);
 #                    a folder this try created is removed again if it failed leaving only its train.log
 #   USE_CPU=1        train on the CPU; PRECISION=bf16|fp16|fp32|auto (auto: fp32 on the CPU, else
-#                    bf16 where the GPU supports it, fp16 where not)
+#                    bf16 where the GPU supports it, fp16 where not; bf16, said on stderr, where no
+#                    GPU is visible, as on a login node)
+#   SAVE_TOTAL_LIMIT keep at most this many checkpoint-N folders, the newest (finetune.py
+#                    --save_total_limit; 2 for full fine-tuning, 3 for P-Tuning and LoRA; 0 keeps all)
 #   EXTRA_ARGS       more finetune.py flags (or give them after the script's name), split like
 #                    shell words: quotes group words ("--run_name 'two words'"); nothing in them is
 #                    expanded or run
@@ -88,8 +91,12 @@ set_device_args() {
         DEVICE_ARGS+=(--use_cpu)
         if [ "$PRECISION" = auto ]; then PRECISION=fp32; fi
     elif [ "$PRECISION" = auto ]; then
-        PRECISION=$("$PYTHON" -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')") \
+        PRECISION=$("$PYTHON" -c "import torch; print(('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if torch.cuda.is_available() else 'unseen')") \
             || fail "$PYTHON could not import torch to choose PRECISION=auto: run 'bash scripts/setup.sh'"
+        if [ "$PRECISION" = unseen ]; then  # a login node: the GPUs that will train are elsewhere
+            PRECISION=bf16
+            echo "PRECISION=auto: no GPU visible here, assuming bf16 (Ampere or newer); set PRECISION=fp16 for V100/T4" >&2
+        fi
     fi
     case "$PRECISION" in
         bf16) DEVICE_ARGS+=(--bf16) ;;
@@ -149,7 +156,8 @@ except ValueError as e:
 }
 
 # launch_finetune METHOD FORMAT [finetune.py flags...]: METHOD is full (DeepSpeed, DS_CONFIG),
-# p-tuning (PRE_SEQ_LEN) or lora (LORA_RANK, LORA_ALPHA, LORA_DROPOUT, LORA_TARGET, QUANTIZATION_BIT).
+# p-tuning (PRE_SEQ_LEN, QUANTIZATION_BIT) or lora (LORA_RANK, LORA_ALPHA, LORA_DROPOUT, LORA_TARGET,
+# QUANTIZATION_BIT: 4 or 8 bits for the frozen base).
 launch_finetune() {
     local method=$1 format=$2 suffix
     shift 2
@@ -159,7 +167,8 @@ launch_finetune() {
     local method_args length_args
     case "$method" in
         full)
-            defaults DS_CONFIG=configs/ds_zero2.json
+            # a checkpoint holds weights and optimizer states: 14-16 bytes per parameter
+            defaults DS_CONFIG=configs/ds_zero2.json SAVE_TOTAL_LIMIT=2
             method_args=(--deepspeed "$DS_CONFIG")
             suffix=$LR ;;
         p-tuning)
@@ -168,9 +177,12 @@ launch_finetune() {
         lora)
             method_args=(--lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
                          --lora_target "$LORA_TARGET")
-            if [ -n "${QUANTIZATION_BIT:-}" ]; then method_args+=(--quantization_bit "$QUANTIZATION_BIT"); fi
             suffix=r$LORA_RANK-$LR ;;
     esac
+    defaults SAVE_TOTAL_LIMIT=3
+    [[ "$SAVE_TOTAL_LIMIT" =~ ^[0-9]+$ ]] || fail "SAVE_TOTAL_LIMIT must be a whole number (0 keeps every checkpoint), got '$SAVE_TOTAL_LIMIT'"
+    if [ "$SAVE_TOTAL_LIMIT" != 0 ]; then method_args+=(--save_total_limit "$SAVE_TOTAL_LIMIT"); fi
+    if [ -n "${QUANTIZATION_BIT:-}" ]; then method_args+=(--quantization_bit "$QUANTIZATION_BIT"); fi
     case "$format" in
         input-output) length_args=(--max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN") ;;
         multi-turn) length_args=(--max_seq_length "$MAX_SEQ_LEN") ;;

@@ -1,12 +1,14 @@
 """Host memory at load and disk for checkpoints: what a run needs besides its GPUs.
 
 Host memory, per node, while the model loads: transformers builds the model on the meta device
-and fills it from the checkpoint files (safetensors are memory-mapped) in the dtype asked for, on
-the CPU, before the Trainer moves it to the GPU. So each process holds a full copy in the load
-dtype (fp32 for full fine-tuning: a 16-bit checkpoint is widened), and a node holds one per
-process. Exceptions: a quantized base is placed on its GPU while it loads (device_map), and under
-ZeRO-3 (zero.Init) each process materializes only its partition, reading the checkpoint one file
-at a time. DeepSpeed's CPU offload adds its host-side states for the whole run (deepspeed_rules.py).
+and fills it from the checkpoint files on the CPU, before the Trainer moves it to the GPU. Stored in
+the load dtype, the weights are memory-mapped safetensors: the processes of a node share one copy
+(the page cache). Stored in another dtype (a 16-bit checkpoint widened to fp32 for full
+fine-tuning without DeepSpeed, a fp16 one loaded in bf16), each process casts its own copy
+(model.stored_weights), and a node holds one per process. Exceptions: a quantized base is placed on
+its GPU while it loads (device_map), and under ZeRO-3 (zero.Init) each process materializes only its
+partition, reading the checkpoint one file at a time. DeepSpeed's CPU offload adds its host-side
+states for the whole run (deepspeed_rules.py).
 
 Disk per checkpoint (checkpoint-N/): what the Trainer saves (the prefix or adapter, or the whole
 model in its training dtype), the optimizer's states (optimizer.pt: two fp32 moments per trainable
@@ -53,6 +55,12 @@ def host_memory_at_load(model_path: str, config, total_params: int, load_dtype: 
         per_process = largest + load_bytes // max(world_size, 1)
         how = ("ZeRO-3 materializes each process's partition, reading one checkpoint file at a time"
                + ("" if files else "; the folder holds no weight files to size"))
+    elif saved and DTYPE_BYTES.get(saved) == load_bytes / max(total_params, 1) and files:
+        per_process = load_bytes
+        how = (f"each process maps the whole model from the checkpoint files ({saved}, the load dtype): "
+               f"the processes of a node share one copy")
+        return {"per_process_bytes": int(per_process), "per_node_bytes": int(per_process),
+                "checkpoint_files_bytes": files, "checkpoint_dtype": saved, "how": how}
     else:
         per_process = load_bytes
         widened = f" (the checkpoint is {saved}: widened)" if saved and DTYPE_BYTES.get(saved, 0) < load_bytes / max(total_params, 1) else ""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..data.encoding import IGNORE_INDEX
+from .deepspeed_rules import zero_dtype
 from .spec import Row, RunSpec
 
 
@@ -42,15 +43,19 @@ def read_config(model_path: str, trust_remote_code: bool = False):
         raise PlanInputError(f"{model_path}: {e}") from None
 
 
-def planned_dtype(torch_dtype: str | None, frozen_base: bool, use_cpu: bool, gpu_bf16: bool = True) -> torch.dtype:
+def planned_dtype(torch_dtype: str | None, frozen_base: bool, use_cpu: bool, gpu_bf16: bool = True,
+                  deepspeed_dtype: torch.dtype | None = None) -> torch.dtype:
     """model.loading.resolve_dtype on the run's machine: `auto` puts a frozen base (P-Tuning, LoRA) in
-    bf16 on a GPU that has it (fp16 on one that has not), and trained weights or any CPU run in fp32."""
+    bf16 on a GPU that has it (fp16 on one that has not), trained weights under DeepSpeed in its
+    bf16/fp16 (`deepspeed_dtype`), and other trained weights or any CPU run in fp32."""
     from ..model.loading import DTYPES
 
     if torch_dtype and torch_dtype != "auto":
         return DTYPES[torch_dtype]
     if frozen_base and not use_cpu:
         return torch.bfloat16 if gpu_bf16 else torch.float16
+    if not frozen_base and deepspeed_dtype is not None and deepspeed_dtype != torch.float32:
+        return deepspeed_dtype
     return torch.float32
 
 
@@ -247,7 +252,8 @@ def run_spec(model_args, data_args, training_args, gpus_per_node: int | None = N
     mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
     deepspeed = deepspeed_config(training_args.deepspeed)
     use_cpu = bool(getattr(training_args, "use_cpu", False))
-    dtype = planned_dtype(model_args.torch_dtype, method != "full", use_cpu, gpu_bf16)
+    dtype = planned_dtype(model_args.torch_dtype, method != "full", use_cpu, gpu_bf16,
+                          zero_dtype(deepspeed, mixed) if deepspeed is not None else None)
     world = gpus * node_count
     steps = _steps(training_args, typical["records"], micro_batch, world)
     caps = {"max_seq_length": data_args.max_seq_length, "max_source_length": data_args.max_source_length,

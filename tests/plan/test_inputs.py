@@ -74,9 +74,14 @@ def test_the_dtype_is_the_one_the_runs_gpu_loads():
     assert planned_dtype("auto", frozen_base=True, use_cpu=False, gpu_bf16=False) == torch.float16
     assert planned_dtype("auto", frozen_base=False, use_cpu=False) == torch.float32
     assert planned_dtype("float16", frozen_base=False, use_cpu=False) == torch.float16
+    # full fine-tuning under DeepSpeed loads in its precision
+    assert planned_dtype("auto", frozen_base=False, use_cpu=False, deepspeed_dtype=torch.bfloat16) == torch.bfloat16
+    assert planned_dtype("auto", frozen_base=False, use_cpu=False, deepspeed_dtype=torch.float32) == torch.float32
     # on this machine (no GPU) a CPU run plans what loading does
     for frozen in (True, False):
         assert planned_dtype("auto", frozen, use_cpu=True) == resolve_dtype("auto", frozen, use_cpu=True)
+        assert planned_dtype("auto", frozen, use_cpu=True, deepspeed_dtype=torch.bfloat16) == resolve_dtype(
+            "auto", frozen, use_cpu=True, deepspeed_dtype=torch.bfloat16)
 
 
 def test_an_original_chatglm3_folder_is_sent_to_the_converter():

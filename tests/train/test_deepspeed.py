@@ -168,6 +168,16 @@ def test_ptuning_under_zero3_saves_a_prefix_that_reloads(pt_zero3_two_ranks, pt_
 
 
 @pytest.mark.slow
+def test_two_zero3_ranks_checkpoint_the_prefix_without_the_base(pt_zero3_two_ranks):
+    from test_deepspeed_checkpoints import assert_holds_only_trained_state, deepspeed_files, is_prefix
+
+    checkpoint = pt_zero3_two_ranks / f"checkpoint-{STEPS}"
+    assert {path.name for path in deepspeed_files(checkpoint)} == {
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")}
+    assert_holds_only_trained_state(checkpoint, is_prefix)
+
+
+@pytest.mark.slow
 def test_full_fine_tuning_zero2_and_zero3_agree_and_zero3_reloads(full_zero2, full_zero3, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
