@@ -193,7 +193,7 @@ def run_cases(args, models: dict, warm_up: dict) -> list[dict]:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                     __file__, "--child-rank"]
         for config in ("ds_zero2.json", "ds_zero3.json"):
-            for torch_dtype in ("float32", "auto"):
+            for torch_dtype in args.ds_dtypes.split(","):
                 spec = {"case": f"full, {config}", "stored": "bfloat16", "torch_dtype": torch_dtype,
                         "config": config, "model": str(models["bfloat16"]), "warm_up": str(warm_up["bfloat16"]),
                         "output_dir": str(Path(args.work) / "bench_load_memory_output")}
@@ -218,6 +218,8 @@ def parse_args(argv=None):
     parser.add_argument("--ffn", type=int, default=6848, help="MLP width (ChatGLM3-6B: 13696 for hidden 4096)")
     parser.add_argument("--vocab", type=int, default=65024, help="vocabulary (ChatGLM3's padded 65024)")
     parser.add_argument("--ranks", type=int, default=1, help="also the ZeRO-2/3 cases on this many CPU ranks (>1)")
+    parser.add_argument("--ds-dtypes", default="float32,auto",
+                        help="--torch_dtype values of the ZeRO-2/3 cases (default float32,auto: before and after)")
     parser.add_argument("--work", default="/tmp", help="where the models are built and kept")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
