@@ -77,7 +77,7 @@ def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_sa
 # ---- what a run leaves behind ----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_json_args_file_full_finetune_outputs(tiny_model_dir, formatted_samples, tmp_path):
+def test_json_args_file_full_finetune_outputs(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     """One .json file stands for all flags; a full run saves a loadable model and its records."""
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +89,8 @@ def test_json_args_file_full_finetune_outputs(tiny_model_dir, formatted_samples,
                "max_train_samples": 10, "preprocessing_cache_dir": str(tmp_path / "cache"), "save_strategy": "no"}
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps(options))
-    result = run_finetune(str(args_file))
+    result = finetune_in_process(str(args_file))
+    assert result.returncode == 0, result.stderr[-2000:]
     assert "Sanity Check >>>>>>>>>>>>>" in result.stdout and "'[gMASK]':" in result.stdout
 
     config = json.loads((output_dir / "run_config.json").read_text())
@@ -112,22 +113,25 @@ def prefix_weights(folder):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_samples, tmp_path):
+def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_samples, tmp_path,
+                                                     finetune_in_process):
     output_dir = tmp_path / "pt"
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
-                       "--max_steps", "6", "--save_steps", "2", "--learning_rate", "2e-2", "--seed", "7")
-    run_finetune(*args)
+                       "--max_steps", "4", "--save_steps", "2", "--learning_rate", "2e-2", "--seed", "7")
+    first = finetune_in_process(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
     uninterrupted = prefix_weights(output_dir)
-    assert sorted(os.listdir(output_dir / "checkpoint-6")) == sorted(os.listdir(output_dir / "checkpoint-2"))
+    assert sorted(os.listdir(output_dir / "checkpoint-4")) == sorted(os.listdir(output_dir / "checkpoint-2"))
 
-    # As if the run died while writing checkpoint-4: later work gone, checkpoint-4 half written (no manifest yet).
-    shutil.rmtree(output_dir / "checkpoint-6")
+    # As if the run died while writing its last checkpoint, checkpoint-4: the final model gone, checkpoint-4 half
+    # written (no manifest yet).
     for name in ("prefix_encoder.safetensors", "trainer_state.json"):
         os.remove(output_dir / name)
     for name in ("trainer_state.json", "manifest.json"):
         os.remove(output_dir / "checkpoint-4" / name)
 
-    result = run_finetune(*args)
+    result = finetune_in_process(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert (f"Not resuming from {output_dir / 'checkpoint-4'}: it is incomplete (no manifest.json: its save did not "
             f"complete)") in result.stdout + result.stderr
     assert f"Resuming from {output_dir / 'checkpoint-2'}" in result.stdout + result.stderr
@@ -135,7 +139,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_s
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
+    assert state["global_step"] == 4
 
 
 def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
@@ -187,14 +191,16 @@ def first_losses(output_dir):
 
 
 @pytest.mark.slow
-def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir, formatted_samples, tmp_path):
+def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir, formatted_samples, tmp_path,
+                                                                 finetune_in_process):
     runs = {}
     for name, extra in {"targets-only": [], "all-positions": ["--no_loss_on_targets_only"],
                         "packed": ["--packing"]}.items():
         output_dir = tmp_path / name
-        result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
-                                           "--pre_seq_len", "4", "--prefix_dropout", "0", "--max_steps", "2",
-                                           "--save_strategy", "no", "--learning_rate", "1e-2", *extra))
+        result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                                  "--pre_seq_len", "4", "--prefix_dropout", "0", "--max_steps", "2",
+                                                  "--save_strategy", "no", "--learning_rate", "1e-2", *extra))
+        assert result.returncode == 0, result.stderr[-2000:]
         runs[name] = (output_dir, result.stdout + result.stderr)
     torch.testing.assert_close(first_losses(runs["targets-only"][0]), first_losses(runs["all-positions"][0]),
                                rtol=1e-4, atol=1e-4)
@@ -206,7 +212,7 @@ def test_loss_on_targets_only_learns_the_same_and_packing_trains(tiny_model_dir,
 
 @pytest.mark.slow
 def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(tiny_model_dir, formatted_samples,
-                                                                               tmp_path):
+                                                                               tmp_path, finetune_in_process):
     """--val_size holds records out of --train_file; --do_eval reports their loss, and with
     --predict_with_generate the generation metrics on --max_eval_samples of them; the run ends with
     a summary whose inference command works as printed."""
@@ -250,7 +256,8 @@ def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(ti
                        "--max_target_length", "4")
     args[args.index("multi-turn")] = "input-output"
     args.remove("--do_train")
-    run_finetune(*args)
+    result = finetune_in_process(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((generated / "eval_results.json").read_text())
     assert metrics["eval_num_predictions"] == 3 and "eval_rouge-l" in metrics
 

@@ -38,15 +38,19 @@ def test_utf8_byte_order_mark_and_surrogate_pairs_are_fine(tmp_path):
     assert records[0][1]["conversations"][1]["content"] == "\U0001F600"
 
 
+REAL_PROCESS = "latin1.jsonl"  # this case runs finetune.py as a shell would; the others run finetune.main in-process
+
+
 @pytest.mark.parametrize("name", ["latin1.jsonl", "utf16.jsonl", "binary.jsonl", "deep.jsonl", "digits.jsonl",
                                   "surrogate.jsonl"])
-def test_finetune_reports_a_damaged_file_with_exit_2(tiny_model_dir, tmp_path, name):
+def test_finetune_reports_a_damaged_file_with_exit_2(tiny_model_dir, tmp_path, name, finetune_in_process):
     content, message = DAMAGED[name]
     path = tmp_path / name
     path.write_bytes(content)
-    result = run_finetune("--model_name_or_path", tiny_model_dir, "--train_format", "multi-turn", "--train_file",
-                          str(path), "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu",
-                          "--report_to", "none", "--preprocessing_cache_dir", str(tmp_path / "cache"), check=False)
+    args = ("--model_name_or_path", tiny_model_dir, "--train_format", "multi-turn", "--train_file", str(path),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu", "--report_to", "none",
+            "--preprocessing_cache_dir", str(tmp_path / "cache"))
+    result = run_finetune(*args, check=False) if name == REAL_PROCESS else finetune_in_process(*args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}{message}"), lines

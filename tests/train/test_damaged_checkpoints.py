@@ -31,17 +31,25 @@ def kind_args(kind, model_dir, data, output_dir, max_steps):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, formatted_samples, tmp_path_factory):
-    """{kind: output folder} of a finished 4-step run with checkpoint-2 and checkpoint-4 (runs once per kind)."""
+def trained_folders(tiny_model_dir, formatted_samples, tmp_path_factory):
+    """{kind: output folder} of a finished 4-step run with checkpoint-2 and checkpoint-4 (trained once per kind and
+    module, by the first test that asks, with that test's finetune_in_process)."""
     folders = {}
 
-    def get(kind):
+    def get(kind, finetune):
         if kind not in folders:
             output_dir = tmp_path_factory.mktemp(kind) / "run"
-            run_finetune(*kind_args(kind, tiny_model_dir, formatted_samples["multi-turn"], output_dir, 4))
+            result = finetune(*kind_args(kind, tiny_model_dir, formatted_samples["multi-turn"], output_dir, 4))
+            assert result.returncode == 0, result.stderr[-3000:]
             folders[kind] = output_dir
         return folders[kind]
     return get
+
+
+@pytest.fixture
+def trained(trained_folders, finetune_in_process):
+    """trained(kind): the output folder of that kind's finished 4-step run."""
+    return lambda kind: trained_folders(kind, finetune_in_process)
 
 
 def copy_of(folder, tmp_path):
@@ -85,10 +93,11 @@ def test_every_file_of_every_kind_damaged_in_every_way_is_caught(trained, kind, 
                                              ("lora", "adapter_model.safetensors", "zeroed"),
                                              ("full", "model.safetensors", "truncated")])
 def test_the_rerun_resumes_from_the_newest_good_checkpoint_with_its_schedule(trained, kind, name, how,
-                                                                             tiny_model_dir, formatted_samples, tmp_path):
+                                                                             tiny_model_dir, formatted_samples, tmp_path,
+                                                                             finetune_in_process):
     output_dir = copy_of(trained(kind), tmp_path)
     DAMAGES[how](output_dir / "checkpoint-4" / name)
-    result = run_finetune(*kind_args(kind, tiny_model_dir, formatted_samples["multi-turn"], output_dir, 6), check=False)
+    result = finetune_in_process(*kind_args(kind, tiny_model_dir, formatted_samples["multi-turn"], output_dir, 6))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "Traceback" not in out
@@ -107,7 +116,9 @@ def test_the_rerun_resumes_from_the_newest_good_checkpoint_with_its_schedule(tra
 
 
 def test_with_no_good_checkpoint_left_the_rerun_is_refused_naming_what_is_wrong(trained, tiny_model_dir,
-                                                                                formatted_samples, tmp_path):
+                                                                                formatted_samples, tmp_path,
+                                                                                finetune_in_process):
+    """The refusal is seen from a real process, as a shell sees it (exit 2, one line, no traceback)."""
     output_dir = copy_of(trained("full"), tmp_path)
     zero(output_dir / "checkpoint-4" / "optimizer.pt")
     os.truncate(output_dir / "checkpoint-2" / "model.safetensors", 0)
@@ -126,15 +137,17 @@ def test_with_no_good_checkpoint_left_the_rerun_is_refused_naming_what_is_wrong(
     assert snapshot(output_dir) == before
 
     # the same command as the finished run: its final model is intact, so there is nothing to do
-    same = run_finetune(*kind_args("full", tiny_model_dir, formatted_samples["multi-turn"], output_dir, 4))
+    same = finetune_in_process(*kind_args("full", tiny_model_dir, formatted_samples["multi-turn"], output_dir, 4))
+    assert same.returncode == 0, same.stderr[-3000:]
     assert "already finished with these settings: nothing to do" in same.stdout
 
 
-def test_a_named_checkpoint_that_is_damaged_is_refused(trained, tiny_model_dir, formatted_samples, tmp_path):
+def test_a_named_checkpoint_that_is_damaged_is_refused(trained, tiny_model_dir, formatted_samples, tmp_path,
+                                                       finetune_in_process):
     output_dir = copy_of(trained("ptuning"), tmp_path)
     zero(output_dir / "checkpoint-2" / "optimizer.pt")
     args = kind_args("ptuning", tiny_model_dir, formatted_samples["multi-turn"], output_dir, 6)
-    result = run_finetune(*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2"), check=False)
+    result = finetune_in_process(*args, "--resume_from_checkpoint", str(output_dir / "checkpoint-2"))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: --resume_from_checkpoint {output_dir / 'checkpoint-2'}: not a complete checkpoint (optimizer.pt does "

@@ -10,7 +10,6 @@ from chatglm3_finetune.data.collation import DataCollatorForChatGLM
 from chatglm3_finetune.data.collation import PackedCollator
 from chatglm3_finetune.data.packing import pack_features
 from chatglm3_finetune.train.token_counts import input_tokens, real_tokens, supervised_tokens
-from conftest import run_finetune
 from test_finetune import common_args
 
 RECORDS = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},
@@ -46,9 +45,11 @@ def expected_counts(tiny_model_dir, data, max_samples):
     return real, supervised
 
 
-def run(tiny_model_dir, data, output_dir, *extra):
-    result = run_finetune(*common_args(tiny_model_dir, data, output_dir, "--max_train_samples", "8",
-                                       "--num_train_epochs", "1", "--learning_rate", "1e-3", *extra))
+def run(finetune, tiny_model_dir, data, output_dir, *extra):
+    """One epoch over 8 records, through finetune.main in-process (the counts do not depend on the process)."""
+    result = finetune(*common_args(tiny_model_dir, data, output_dir, "--max_train_samples", "8",
+                                   "--num_train_epochs", "1", "--learning_rate", "1e-3", *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((output_dir / "train_results.json").read_text())
     logged = [e for e in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     return results, logged, result.stdout + result.stderr
@@ -56,14 +57,14 @@ def run(tiny_model_dir, data, output_dir, *extra):
 
 @pytest.mark.slow
 def test_finetune_reports_exact_token_counts_in_every_layout_and_across_a_resume(
-        tiny_model_dir, formatted_samples, tmp_path):
+        tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     data = formatted_samples["multi-turn"]
     real, supervised = expected_counts(tiny_model_dir, data, 8)
     assert 0 < supervised < real
     layouts = {"dynamic": [], "pad-to-max": ["--pad_to_max_length"], "packing": ["--packing"],
                "packing-ptuning": ["--packing", "--pre_seq_len", "4"], "dynamic-ptuning": ["--pre_seq_len", "4"]}
     for name, extra in layouts.items():
-        results, logged, _ = run(tiny_model_dir, data, tmp_path / name, "--save_strategy", "no", *extra)
+        results, logged, _ = run(finetune_in_process, tiny_model_dir, data, tmp_path / name, "--save_strategy", "no", *extra)
         assert (results["train_num_input_tokens_seen"], results["train_supervised_tokens"]) == (real, supervised), name
         assert results["train_tokens_per_second"] > results["train_supervised_tokens_per_second"] > 0
         assert (logged[-1]["num_input_tokens_seen"], logged[-1]["supervised_tokens"]) == (real, supervised), name
@@ -71,13 +72,13 @@ def test_finetune_reports_exact_token_counts_in_every_layout_and_across_a_resume
 
     # Resume: the same command after losing everything past checkpoint-2 ends with the same totals.
     output_dir = tmp_path / "resumed"
-    run(tiny_model_dir, data, output_dir, "--save_steps", "2")
+    run(finetune_in_process, tiny_model_dir, data, output_dir, "--save_steps", "2")
     at_two = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert 0 < at_two["num_input_tokens_seen"] < real
     for path in output_dir.iterdir():
         if path.name != "checkpoint-2":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    results, logged, output = run(tiny_model_dir, data, output_dir, "--save_steps", "2")
+    results, logged, output = run(finetune_in_process, tiny_model_dir, data, output_dir, "--save_steps", "2")
     assert "Resuming from" in output and "checkpoint-2" in output
     assert [e["step"] for e in logged] == list(range(1, len(logged) + 1))
     assert (results["train_num_input_tokens_seen"], results["train_supervised_tokens"]) == (real, supervised)
@@ -85,9 +86,10 @@ def test_finetune_reports_exact_token_counts_in_every_layout_and_across_a_resume
 
 
 @pytest.mark.slow
-def test_counting_all_positions_from_the_command_line(tiny_model_dir, formatted_samples, tmp_path):
+def test_counting_all_positions_from_the_command_line(tiny_model_dir, formatted_samples, tmp_path,
+                                                     finetune_in_process):
     data = formatted_samples["multi-turn"]
     real, _ = expected_counts(tiny_model_dir, data, 8)
-    results, _, _ = run(tiny_model_dir, data, tmp_path / "all", "--save_strategy", "no", "--pad_to_max_length",
+    results, _, _ = run(finetune_in_process, tiny_model_dir, data, tmp_path / "all", "--save_strategy", "no", "--pad_to_max_length",
                      "--include_num_input_tokens_seen", "all")
     assert results["train_num_input_tokens_seen"] == 8 * 512 > real
