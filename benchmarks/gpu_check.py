@@ -1,27 +1,16 @@
 #!/usr/bin/env python3
 """The GPU check: the toolkit's real pipeline, as a ChatGLM3-6B user runs it, on one GPU.
 
-    bash benchmarks/gpu_check.sh              # on a GPU machine (see gpu_check.sh for the wheels)
-    bash benchmarks/gpu_check.sh --cpu        # the same at full 6B shape on this CPU (~30 min, 24 GiB)
+    bash benchmarks/gpu_check.sh              # on a GPU machine (gpu_check.sh: the wheels to carry)
+    bash benchmarks/gpu_check.sh --cpu        # the same at full 6B shape on a CPU (< 24 GiB of RAM)
     bash benchmarks/gpu_check.sh --dry        # tiny shapes: every case's code path (the test suite)
 
-It writes a random-weight ChatGLM3 checkpoint in the original THUDM layout shard by shard, converts it
-with scripts/convert_chatglm3.py, and then, per case, runs the launcher a user would run (its
-variables and flags, a few steps), a resume of one more step from its checkpoint, inference.py on
-the result and, for P-Tuning, api_server.py answering one request. Every process is the program
-itself; a probe on its PYTHONPATH (gpu_check_probe/sitecustomize.py) records its peak memory
-(torch.cuda.max_memory_allocated, peak RSS) and step times. A case fails on: a process that fails,
-a non-finite loss, a loss that does not fall from the first step to the resumed one, a packed loss
-that differs from the same records unpacked, a checkpoint larger than its trainable state plus
-optimizer, or a quantized case whose base was not quantized. The exit status is 1 when a case failed.
-
-Cases (gpu_check_cases.py): ptuning (P-Tuning v2, pre_seq_len 128, finetune_pt_multiturn.sh; also
-served), ptuning_8bit, ptuning_4bit, lora, qlora (finetune_lora.sh, multi-turn), packing (P-Tuning
-packed, packed_sdpa; checked against the same records unpacked), packing_flash_attn (LoRA, flash
-attention's varlen kernel, where flash_attn imports), zero2, zero3, zero3_offload (full fine-tuning
-through finetune_ds.sh with configs/ds_zero*.json). Shapes per mode: GPU: ChatGLM3-6B at 2048 tokens,
-3 steps + 1 resumed, ZeRO on a ~1B GLM; --cpu: 6B at 64 tokens, 1 + 1 steps, ZeRO on 2 CPU ranks
-with a 178M GLM; --dry: the tiny shape of ../shared/data/chatglm3-tiny-original.
+It writes a random-weight ChatGLM3 checkpoint in the original THUDM layout shard by shard and converts
+it with scripts/convert_chatglm3.py; then per case (gpu_check_cases.py) it runs the launcher a user
+would run for a few steps, a resume of one more step, inference.py on the result and, for P-Tuning,
+api_server.py answering one request (gpu_check_case.py). A probe on every process's PYTHONPATH
+(gpu_check_probe/sitecustomize.py) records peak memory and step times. The rules that fail a case are
+in gpu_check_report.py; the exit status is 1 when one failed. docs/gpu-check.md has the details.
 """
 
 from __future__ import annotations
@@ -212,24 +201,42 @@ def main(argv=None) -> int:
     plans = plan_supported(python)
     say(f"matmul peak (bf16): {report.flops_rate(peak_flops)}; memory plan: {'--plan_json' if plans else 'n/a'}")
     jobs = 1 if mode.serialize_big else args.jobs or 2
-    finishers = []
+    summary = {"mode": mode.name, "complete": False, "versions": found, "matmul_peak_flops": peak_flops,
+               "plans": plans, "seconds": None, "work": str(work), "cases": []}
+
+    def write_json() -> None:
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+
+    def complete(finish_row) -> None:
+        """A case's row done: printed, and the JSON rewritten (a check stopped midway keeps its rows)."""
+        summary["cases"].append(finish_row())
+        print(report.table_line(summary["cases"][-1], mode.name), flush=True)
+        write_json()
+
+    print(report.table_header(mode.name), flush=True)
     with ThreadPoolExecutor(max_workers=jobs) as background:
         check = gpu_check_case.Check(mode, work, python, model_dirs, data, peak_flops, plans, background)
+        pending = None  # the previous case, whose inference and server runs went on beside this training
         for case in selected:
             reason = next((missing[m] for m in case.needs if missing[m]), None)
             if budget is not None and time.monotonic() - started > budget:
                 reason = f"over the time budget of {budget:.0f} s"
-            finishers.append(check.run_case(case, reason))
+            finish_row = check.run_case(case, reason)
+            if pending:
+                complete(pending)
+            pending = finish_row
             if jobs == 1:
-                finishers[-1] = (lambda row: lambda: row)(finishers[-1]())
-        rows = [finish() for finish in finishers]
-    summary = {"mode": mode.name, "versions": found, "matmul_peak_flops": peak_flops, "plans": plans,
-               "seconds": round(time.monotonic() - started, 1), "work": str(work), "cases": rows}
-    print(report.table(rows, mode.name))
+                complete(pending)
+                pending = None
+        if pending:
+            complete(pending)
+    summary["complete"] = True
+    write_json()
+    print(report.table(summary["cases"], mode.name))
     print(f"total {summary['seconds']:.0f} s; logs in {work / 'logs'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
-    return 1 if any(row["status"] == "failed" for row in rows) else 0
+    return 1 if any(row["status"] == "failed" for row in summary["cases"]) else 0
 
 
 if __name__ == "__main__":

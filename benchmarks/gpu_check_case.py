@@ -54,6 +54,7 @@ class Check:
         self.model_dirs, self.data, self.peak_flops, self.plans = model_dirs, data, peak_flops, plans
         self.background = background
         self.time_limit = TIME_LIMITS[mode.name]
+        self.lock_waits: dict[str, float] = {}
 
     # ---- processes ---------------------------------------------------------------------------------
     def lock_for(self, case: cases.Case) -> str | None:
@@ -69,8 +70,13 @@ class Check:
                                        max_steps, batch_size)
         command = ["bash", f"scripts/{case.launcher}", *cases.launcher_args(case, self.mode), *extra_args]
         log, probes = self.paths(case, label)
-        return runs.run(command, runs.probed_env(self.python, probes, variables), log, probes, self.time_limit,
-                        self.lock_for(case), say)
+        return self.counted(case, runs.run(command, runs.probed_env(self.python, probes, variables), log, probes,
+                                           self.time_limit, self.lock_for(case), say))
+
+    def counted(self, case: cases.Case, run: runs.Finished) -> runs.Finished:
+        """`run`, its wait for the big-memory lock added to the case's (not part of the case's time)."""
+        self.lock_waits[case.name] = self.lock_waits.get(case.name, 0.0) + run.waited
+        return run
 
     def program_command(self, case: cases.Case, output_dir: Path, program: str) -> list[str]:
         """inference.py or api_server.py on what the case trained, as the run summary says to."""
@@ -84,14 +90,16 @@ class Check:
 
     def infer(self, case: cases.Case, output_dir: Path) -> runs.Finished:
         log, probes = self.paths(case, "inference")
-        return runs.run(self.program_command(case, output_dir, "inference.py"), runs.probed_env(self.python, probes, {}),
-                        log, probes, self.time_limit, self.lock_for(case), say)
+        return self.counted(case, runs.run(self.program_command(case, output_dir, "inference.py"),
+                                           runs.probed_env(self.python, probes, {}), log, probes, self.time_limit,
+                                           self.lock_for(case), say))
 
     def serve(self, case: cases.Case, output_dir: Path) -> tuple[runs.Finished, str | None]:
         log, probes = self.paths(case, "server")
-        return runs.serve_one_request(self.program_command(case, output_dir, "api_server.py"),
-                                      runs.probed_env(self.python, probes, {}), log, probes, self.time_limit,
-                                      self.lock_for(case), say)
+        finished, answer = runs.serve_one_request(self.program_command(case, output_dir, "api_server.py"),
+                                                  runs.probed_env(self.python, probes, {}), log, probes,
+                                                  self.time_limit, self.lock_for(case), say)
+        return self.counted(case, finished), answer
 
     def plan(self, case: cases.Case) -> int | None:
         """The memory plan's peak for exactly this run (finetune.py --plan --plan_json)."""
@@ -131,7 +139,7 @@ class Check:
             if case.packed_reference:
                 self.compare_unpacked(row, case)
         if not row["saved"]:
-            return lambda: report.finish(row, time.monotonic() - started)
+            return lambda: self.finish(row, started)
         say(f"{case.name}: inference{' and the server' if case.server else ''} on the result")
         inference = self.background.submit(self.infer, case, output_dir)
         server = self.background.submit(self.serve, case, output_dir) if case.server else None
@@ -140,9 +148,14 @@ class Check:
             self.record_inference(row, inference.result())
             if server is not None:
                 self.record_server(row, *server.result())
-            return report.finish(row, time.monotonic() - started)
+            return self.finish(row, started)
 
         return complete
+
+    def finish(self, row: dict, started: float) -> dict:
+        """The row complete; the case's time leaves out its waits for the big-memory lock."""
+        row["lock_wait_s"] = round(self.lock_waits.get(row["case"], 0.0), 1)
+        return report.finish(row, time.monotonic() - started - row["lock_wait_s"])
 
     def record_peaks(self, row: dict, run: runs.Finished, training: bool = True) -> None:
         """peak_bytes: the training processes' peak (max_memory_allocated on a GPU, RSS on the CPU);

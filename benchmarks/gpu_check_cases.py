@@ -28,8 +28,9 @@ class Mode:
 MODES = {
     # bf16 through PRECISION=auto; 3 steps so that 2 step times are measured after the first
     "gpu": Mode("gpu", "6b", "1b", tokens=2048, pack_lengths=(1024, 512, 320, 192), steps=3, deepspeed_ranks=1),
-    # one step of 64 tokens per case at 6B; the frozen base must be bf16 (fp32, the CPU default, is 25 GB)
-    "cpu": Mode("cpu", "6b", "small", tokens=64, pack_lengths=(28, 20, 16), steps=1, deepspeed_ranks=2,
+    # one step of 32 tokens per case at 6B (a minute or two at the CPU's ~10 bf16 GFLOP per CPU-second);
+    # the frozen base must be bf16 (fp32, the CPU default, is 25 GB)
+    "cpu": Mode("cpu", "6b", "small", tokens=32, pack_lengths=(20, 12), steps=1, deepspeed_ranks=2,
                 env={"USE_CPU": "1", "PRECISION": "bf16"}, frozen_base_args=("--torch_dtype", "bfloat16"),
                 serialize_big=True, device="cpu"),
     "dry": Mode("dry", "tiny", "tiny", tokens=64, pack_lengths=(28, 20, 16), steps=1, deepspeed_ranks=2,

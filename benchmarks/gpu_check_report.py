@@ -98,23 +98,35 @@ def yes(value) -> str:
     return "-" if value is None else "yes" if value else "NO"
 
 
+COLUMNS = [("case", 18), ("status", 7), ("peak GB", 11), ("planned GB", 10), ("saved", 5), ("resumed", 7),
+           ("inference", 9), ("server", 6), ("step s", 7), ("tokens/s", 8), ("MFU", 6), ("time s", 6)]
+
+
+def _line(cells: list[str]) -> str:
+    return "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
+
+
+def table_header(mode: str) -> str:
+    names = [name for name, _ in COLUMNS]
+    names[2] = "peak GB" if mode == "gpu" else "peak RSS GB"
+    header = _line(names)
+    return header + "\n" + "-" * len(header)
+
+
+def table_line(r: dict, mode: str) -> str:
+    """A case's line: on a GPU the training peak (max_memory_allocated), on a CPU the case's largest RSS."""
+    if r["status"] == "skipped":
+        return _line([r["case"], r["status"]] + ["-"] * (len(COLUMNS) - 2))
+    measured = r["peak_bytes"] if mode == "gpu" else r["peak_rss_bytes"]
+    return _line([r["case"], r["status"], gigabytes(measured), gigabytes(r["planned_bytes"]), yes(r["saved"]),
+                  yes(r["resumed"]), yes(r["inference"]), yes(r["server"]),
+                  "n/a" if r["step_s"] is None else f"{r['step_s']:.2f}",
+                  "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}",
+                  "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                  "n/a" if r["seconds"] is None else f"{r['seconds']:.0f}"])
+
+
 def table(rows: list[dict], mode: str) -> str:
     """One line per case; why a case failed or was skipped follows the table."""
-    peak = "peak GB" if mode == "gpu" else "peak RSS GB"
-    columns = [("case", 18), ("status", 7), (peak, 11), ("planned GB", 10), ("saved", 5), ("resumed", 7),
-               ("inference", 9), ("server", 6), ("step s", 7), ("tokens/s", 8), ("MFU", 6), ("time s", 6)]
-    lines = ["  ".join(f"{name:>{width}}" if i > 1 else f"{name:<{width}}" for i, (name, width) in enumerate(columns))]
-    lines.append("-" * len(lines[0]))
-    for r in rows:
-        measured = r["peak_bytes"] if mode == "gpu" else r["peak_rss_bytes"]
-        cells = [r["case"], r["status"], gigabytes(measured), gigabytes(r["planned_bytes"]), yes(r["saved"]),
-                 yes(r["resumed"]), yes(r["inference"]), yes(r["server"]),
-                 "n/a" if r["step_s"] is None else f"{r['step_s']:.2f}",
-                 "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}",
-                 "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                 "n/a" if r["seconds"] is None else f"{r['seconds']:.0f}"]
-        if r["status"] == "skipped":
-            cells[2:] = ["-"] * (len(columns) - 2)
-        lines.append("  ".join(f"{c:>{w}}" if i > 1 else f"{c:<{w}}" for i, (c, (_, w)) in enumerate(zip(cells, columns))))
     notes = [f"{r['case']}: {r['status']}: {r['reason']}" for r in rows if r["reason"]]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join([table_header(mode)] + [table_line(r, mode) for r in rows] + ([""] + notes if notes else []))

@@ -33,6 +33,7 @@ class Finished:
     seconds: float
     log: Path
     probes: list[dict] = field(default_factory=list)  # one per probed Python process
+    waited: float = 0.0  # seconds spent waiting for the big-memory lock before it started
 
     @property
     def ok(self) -> bool:
@@ -57,18 +58,20 @@ class Finished:
 
 @contextlib.contextmanager
 def big_memory_lock(path: str | None, say):
-    """Holds an exclusive lock on `path` (none when None): one big model in memory at a time."""
+    """Holds an exclusive lock on `path` (none when None): one big model in memory at a time.
+    Yields the seconds spent waiting for it."""
     if not path:
-        yield
+        yield 0.0
         return
     with open(path, "a") as handle:
+        start = time.monotonic()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say(f"  waiting for {path} (another big-memory job holds it)")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield time.monotonic() - start
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -97,7 +100,7 @@ def run(command: list[str], env: dict[str, str], log: Path, probe_dir: Path, tim
     whole group is stopped at `timeout` seconds."""
     probe_dir.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with big_memory_lock(lock, say), open(log, "w") as out:
+    with big_memory_lock(lock, say) as waited, open(log, "w") as out:
         out.write("+ " + " ".join(command) + "\n")
         out.flush()
         start = time.monotonic()
@@ -109,7 +112,7 @@ def run(command: list[str], env: dict[str, str], log: Path, probe_dir: Path, tim
             stop_group(process)
             returncode = None
         seconds = time.monotonic() - start
-    return Finished(command, returncode, seconds, log, read_probes(probe_dir))
+    return Finished(command, returncode, seconds, log, read_probes(probe_dir), waited)
 
 
 def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
@@ -137,7 +140,7 @@ def serve_one_request(command: list[str], env: dict[str, str], log: Path, probe_
     reason in the log."""
     port = free_port()
     probe_dir.mkdir(parents=True, exist_ok=True)
-    with big_memory_lock(lock, say), open(log, "w") as out:
+    with big_memory_lock(lock, say) as waited, open(log, "w") as out:
         full = [*command, "--port", str(port)]
         out.write("+ " + " ".join(full) + "\n")
         out.flush()
@@ -157,7 +160,7 @@ def serve_one_request(command: list[str], env: dict[str, str], log: Path, probe_
                 returncode = None
         seconds = time.monotonic() - start
     # A server stopped by SIGTERM after answering exits 0 (uvicorn's orderly shutdown).
-    return Finished(full, returncode, seconds, log, read_probes(probe_dir)), answer
+    return Finished(full, returncode, seconds, log, read_probes(probe_dir), waited), answer
 
 
 def ask(port: int, process: subprocess.Popen, deadline: float, out) -> str | None:
