@@ -1,5 +1,5 @@
 """Running the GPU check's processes: a launcher, inference.py or api_server.py as a user would run
-them, each with the measuring probe (gpu_check_probe/sitecustomize.py) on its PYTHONPATH, its
+them, each with the measuring probe (benchmarks/gpu_check_probe/sitecustomize.py) on its PYTHONPATH, its
 output in a log file, a time limit, and, where asked, a lock so that only one big model is in
 memory on this machine at a time."""
 
@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE_DIR = Path(__file__).resolve().parent / "gpu_check_probe"
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_DIR = Path(__file__).resolve().parents[1] / "gpu_check_probe"
 
 
 @dataclass

@@ -14,12 +14,12 @@ import time
 from concurrent.futures import Executor
 from pathlib import Path
 
-import gpu_check_cases as cases
-import gpu_check_model as models
-import gpu_check_report as report
-import gpu_check_run as runs
+from . import cases
+from . import model as models
+from . import report
+from . import run as runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIG_MEMORY_LOCK = "/tmp/bigmem.lock"
 TIME_LIMITS = {"gpu": 240, "cpu": 1200, "dry": 600}  # seconds per process
 RESULT_FILES = {"ptuning": "prefix_encoder.safetensors", "lora": "adapter_model.safetensors"}
@@ -64,10 +64,10 @@ class Check:
         return self.work / "logs" / case.name / f"{label}.log", self.work / "probes" / case.name / label
 
     def launch(self, case: cases.Case, label: str, output_dir: Path, max_steps: int, batch_size: int = 1,
-               extra_args: tuple[str, ...] = ()) -> runs.Finished:
+               extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> runs.Finished:
         model_dir = self.model_dirs[cases.shape_of(case, self.mode)]
         variables = cases.launcher_env(case, self.mode, str(model_dir), self.data[case.data]["path"], str(output_dir),
-                                       max_steps, batch_size)
+                                       max_steps, batch_size) | (extra_env or {})
         command = ["bash", f"scripts/{case.launcher}", *cases.launcher_args(case, self.mode), *extra_args]
         log, probes = self.paths(case, label)
         return self.counted(case, runs.run(command, runs.probed_env(self.python, probes, variables), log, probes,
@@ -102,12 +102,13 @@ class Check:
         return self.counted(case, finished), answer
 
     def plan(self, case: cases.Case) -> int | None:
-        """The memory plan's peak for exactly this run (finetune.py --plan --plan_json)."""
+        """The memory plan's peak for exactly this run: the launcher's own PLAN=1 (finetune.py --plan for
+        every process it would start) with --plan_json."""
         path = self.work / "plans" / f"{case.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         finished = self.launch(case, "plan", self.work / "runs" / f"{case.name}-plan", self.mode.steps,
-                               extra_args=("--plan", "--plan_json", str(path)))
+                               extra_args=("--plan_json", str(path)), extra_env={"PLAN": "1"})
         if not finished.ok or not path.exists():
             say(f"  {case.name}: no plan ({finished.failure()})")
             return None
