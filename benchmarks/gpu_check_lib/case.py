@@ -11,7 +11,7 @@ import runpy
 import shutil
 import sys
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from . import cases
@@ -48,7 +48,7 @@ def step_flops(case: cases.Case, shape: str, batch: dict) -> float:
 class Check:
     """What every case shares: the mode, the folders, the models, the data, the Python to run."""
 
-    def __init__(self, mode: cases.Mode, work: Path, python: str, model_dirs: dict[str, Path], data: dict,
+    def __init__(self, mode: cases.Mode, work: Path, python: str, model_dirs: dict[str, Future], data: dict,
                  peak_flops: float | None, plans: bool, background: Executor):
         self.mode, self.work, self.python = mode, work, python
         self.model_dirs, self.data, self.peak_flops, self.plans = model_dirs, data, peak_flops, plans
@@ -57,6 +57,10 @@ class Check:
         self.lock_waits: dict[str, float] = {}
 
     # ---- processes ---------------------------------------------------------------------------------
+    def model_dir(self, case: cases.Case) -> Path:
+        """The converted model of the case's shape, once it is ready (later shapes are made meanwhile)."""
+        return self.model_dirs[cases.shape_of(case, self.mode)].result()
+
     def lock_for(self, case: cases.Case) -> str | None:
         return BIG_MEMORY_LOCK if self.mode.serialize_big and cases.shape_of(case, self.mode) == "6b" else None
 
@@ -65,7 +69,7 @@ class Check:
 
     def launch(self, case: cases.Case, label: str, output_dir: Path, max_steps: int, batch_size: int = 1,
                extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> runs.Finished:
-        model_dir = self.model_dirs[cases.shape_of(case, self.mode)]
+        model_dir = self.model_dir(case)
         variables = cases.launcher_env(case, self.mode, str(model_dir), self.data[case.data]["path"], str(output_dir),
                                        max_steps, batch_size) | (extra_env or {})
         command = ["bash", f"scripts/{case.launcher}", *cases.launcher_args(case, self.mode), *extra_args]
@@ -80,7 +84,7 @@ class Check:
 
     def program_command(self, case: cases.Case, output_dir: Path, program: str) -> list[str]:
         """inference.py or api_server.py on what the case trained, as the run summary says to."""
-        base = str(self.model_dirs[cases.shape_of(case, self.mode)])
+        base = str(self.model_dir(case))
         model = {"ptuning": ["--model", base, "--pt-checkpoint", str(output_dir)],
                  "lora": ["--model", base, "--lora", str(output_dir)]}.get(case.method, ["--model", str(output_dir)])
         device = ["--device", "cpu"] if self.mode.device == "cpu" else []
@@ -125,11 +129,14 @@ class Check:
         if skip_reason:
             row.update(status="skipped", reason=skip_reason)
             return lambda: row
+        self.model_dir(case)  # waits until its model is made: not part of the case's time
         started = time.monotonic()
         output_dir = self.work / "runs" / case.name
         for folder in (output_dir, self.work / "probes" / case.name):
             shutil.rmtree(folder, ignore_errors=True)
-        if self.plans:
+        # The plan needs no GPU and no weights: on a GPU it runs beside the training, on a CPU before it.
+        plan = self.background.submit(self.plan, case) if self.plans and not self.mode.serialize_big else None
+        if self.plans and plan is None:
             row["planned_bytes"] = self.plan(case)
         say(f"{case.name}: training {self.mode.steps} step(s)")
         first = self.launch(case, "train", output_dir, self.mode.steps)
@@ -139,14 +146,17 @@ class Check:
             self.record_resume(row, self.launch(case, "resume", output_dir, self.mode.steps + 1), output_dir)
             if case.packed_reference:
                 self.compare_unpacked(row, case)
-        if not row["saved"]:
-            return lambda: self.finish(row, started)
-        say(f"{case.name}: inference{' and the server' if case.server else ''} on the result")
-        inference = self.background.submit(self.infer, case, output_dir)
-        server = self.background.submit(self.serve, case, output_dir) if case.server else None
+        inference = server = None
+        if row["saved"]:
+            say(f"{case.name}: inference{' and the server' if case.server else ''} on the result")
+            inference = self.background.submit(self.infer, case, output_dir)
+            server = self.background.submit(self.serve, case, output_dir) if case.server else None
 
         def complete() -> dict:
-            self.record_inference(row, inference.result())
+            if plan is not None:
+                row["planned_bytes"] = plan.result()
+            if inference is not None:
+                self.record_inference(row, inference.result())
             if server is not None:
                 self.record_server(row, *server.result())
             return self.finish(row, started)

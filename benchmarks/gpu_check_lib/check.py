@@ -154,13 +154,15 @@ def run_check(args) -> int:
     selected = [case for case in cases.CASES if not args.cases or case.name in args.cases]
 
     missing = {module: importable(module, python) for case in selected for module in case.needs}
-    model_dirs = {shape: prepare_model(shape, work, tokenizer_dir, python, mode, args.fresh)
-                  for shape in dict.fromkeys(cases.shape_of(case, mode) for case in selected
-                                             if not any(missing[m] for m in case.needs))}
-    data = prepare_data(mode, work, tokenizer_dir)
-    peak_flops = matmul_peak(mode, python)
+    peak_flops = matmul_peak(mode, python)  # first: nothing else runs on the device yet
     plans = plan_supported(python)
     say(f"matmul peak (bf16): {report.flops_rate(peak_flops)}; memory plan: {'--plan_json' if plans else 'n/a'}")
+    shapes = dict.fromkeys(cases.shape_of(case, mode) for case in selected if not any(missing[m] for m in case.needs))
+    # One model at a time, in the order the cases need them: the first cases train while the next is made.
+    preparing = ThreadPoolExecutor(max_workers=1)
+    model_dirs = {shape: preparing.submit(prepare_model, shape, work, tokenizer_dir, python, mode, args.fresh)
+                  for shape in shapes}
+    data = prepare_data(mode, work, tokenizer_dir)
     jobs = 1 if mode.serialize_big else args.jobs or 2
     summary = {"mode": mode.name, "complete": False, "versions": found, "matmul_peak_flops": peak_flops,
                "plans": plans, "seconds": None, "work": str(work), "cases": []}
@@ -193,6 +195,7 @@ def run_check(args) -> int:
                 pending = None
         if pending:
             complete(pending)
+    preparing.shutdown()
     summary["complete"] = True
     write_json()
     print(report.table(summary["cases"], mode.name))
