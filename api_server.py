@@ -40,6 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
+from chatglm3_finetune.data import strict_json
 from chatglm3_finetune.serve.batched_decoding import BatchedDecoder, GenerationJob, Progress, QueueFull, Sampling
 from chatglm3_finetune.serve.chat_engine import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ChatModel
 from chatglm3_finetune.serve.openai_protocol import (ChatCompletionRequest, ProtocolError, StreamedReply, completion_id,
@@ -49,6 +50,7 @@ logger = logging.getLogger("api_server")
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MODEL_NAME = "chatglm3"  # what the docs' examples and the web page send
 HEARTBEAT_S = 0.5  # while nothing can be sent (a tool call is being written), a comment line this often
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -78,9 +80,13 @@ class RequestError(Exception):
 
 
 def decode_json(raw: bytes):
-    """The decoded body; RequestError for bytes that are not JSON, too deep, or numbers too long."""
+    """The decoded body; RequestError for bytes that are not JSON, too deep, or numbers too long, and
+    for what Python's json would let through: NaN, Infinity (e.g. `"temperature": NaN`) and a key
+    given twice, each named by its parameter."""
     try:
-        return json.loads(raw)
+        return strict_json.loads(raw)
+    except strict_json.StrictJsonError as e:
+        raise RequestError(str(e), strict_json.field_path(e.location) or None) from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply to read") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers past Python's digit limit
@@ -152,6 +158,8 @@ class ChatServer:
             messages = request.chatglm_messages()
         except ProtocolError as e:
             raise RequestError(e.message, e.param, e.code) from None
+        if request.model is not None and request.model != self.model_name:
+            raise self.unknown_model(request.model)
         prompt_ids = self.chat.chat_input_ids(messages)
         wanted = request.requested_max_tokens or self.default_max_tokens
         if wanted > self.limits.max_tokens:
@@ -165,6 +173,12 @@ class ChatServer:
                                f"hold {len(prompt_ids)} tokens. Shorten the conversation (drop old turns or long "
                                f"tool results).", "messages", "context_length_exceeded")
         return PreparedRequest(request, prompt_ids, min(wanted, room))
+
+    def unknown_model(self, name: str) -> RequestError:
+        """OpenAI's answer to a model it does not have: 404, code model_not_found."""
+        return RequestError(f"The model `{name}` does not exist: this server serves `{self.model_name}` (GET "
+                            f"/v1/models lists it); send that as 'model', or leave 'model' out", "model",
+                            "model_not_found", status=404)
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -345,7 +359,7 @@ def api_key_check(api_key: str | None):
     return check
 
 
-def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int | None = None,
+def create_app(chat: ChatModel, model_name: str = DEFAULT_MODEL_NAME, max_context: int | None = None,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, cors_origins: list[str] | None = None,
                limits: ServerLimits = ServerLimits(), api_key: str | None = None):
     """The FastAPI app serving `chat`; `max_context` defaults to the model's max_position_embeddings;
@@ -399,8 +413,7 @@ def create_app(chat: ChatModel, model_name: str = "chatglm3", max_context: int |
     @api.get("/models/{model_id:path}")
     async def get_model(model_id: str):
         if model_id != server.model_name:
-            raise RequestError(f"model {model_id!r} is not served here; this server serves {server.model_name!r}",
-                               "model", "model_not_found", status=404)
+            raise server.unknown_model(model_id)
         return server.model_card()
 
     @api.post("/chat/completions")
@@ -454,8 +467,9 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> ar
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", default=None,
-                        help="the model id clients see in /v1/models (default: the checkpoint's folder name)")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help=f"the model id clients see in /v1/models and must send as 'model' (another one gets "
+                             f"404 model_not_found; default: {DEFAULT_MODEL_NAME})")
     parser.add_argument("--max-context", type=int, default=None,
                         help="longest prompt + answer in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
@@ -493,7 +507,7 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    return args.model_name or Path(args.pt_checkpoint or args.lora or args.model).resolve().name
+    return args.model_name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ second with a message that says what to do.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -17,7 +16,10 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from chatglm3_finetune.data import strict_json
+from chatglm3_finetune.did_you_mean import did_you_mean
 from chatglm3_finetune.data.formats import FIXED_RECORD_FORMAT
+from chatglm3_finetune.data.paths import data_source_problem, file_problem
 from chatglm3_finetune.data.encoding import TRUNCATION_POLICIES, length_cap_problem
 from chatglm3_finetune.data.records import TRAIN_FORMATS
 from chatglm3_finetune.data.splitting import SplitError, check_val_size
@@ -38,8 +40,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "folder of a transformers causal LM (e.g. a converted ChatGLM3-6B)"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder, if not the model folder"})
     torch_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the base model: auto (bf16/fp16 for a frozen base on GPU, fp32 otherwise), "
-                "float32, float16, bfloat16", "choices": TORCH_DTYPES})
+        "help": "dtype the model is loaded in: auto (a frozen base on GPU: bf16, fp16 where bf16 is missing; "
+                "full fine-tuning under DeepSpeed: its bf16/fp16; else fp32), float32, float16, bfloat16",
+        "choices": TORCH_DTYPES})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model folder's own code (off by default)"})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa or flash_attention_2"})
     ptuning_checkpoint: str | None = field(default=None, metadata={
@@ -142,6 +145,20 @@ class TrainingArguments(Seq2SeqTrainingArguments):
                 "in every batch layout, packed rows included; never the P-Tuning prefix), all (every position, "
                 "padding included), no; true/false mean all/no", "choices": sorted(TOKEN_COUNTING_VALUES)})
 
+    plan: bool = field(default=False, metadata={
+        "help": "print the memory and time plan of this run (peak GPU memory and its parts, time per step and run, "
+                "host memory, disk, what to change to fit) and exit, without loading the weights; works without a GPU"})
+    plan_json: str | None = field(default=None, metadata={"help": "write the plan as JSON to this file (implies --plan)"})
+    gpu_memory: str | None = field(default=None, metadata={
+        "help": "plan for a GPU of this memory (e.g. 24GB, 2^30 bytes per GB) instead of the one visible; on a GPU "
+                "run, check the plan against it"})
+    plan_num_gpus: int | None = field(default=None, metadata={
+        "help": "--plan: processes (GPUs) per node of the planned run (default: this launch's, 1 without torchrun)"})
+    plan_num_nodes: int | None = field(default=None, metadata={"help": "--plan: nodes of the planned run (default 1)"})
+    ignore_memory_plan: bool = field(default=False, metadata={
+        "help": "start a GPU run even when its memory plan is clearly over the GPU's memory (by default it stops "
+                "before loading the model and prints what to change)"})
+
     def __post_init__(self):
         value = self.include_num_input_tokens_seen
         value = str(value).lower() if isinstance(value, bool) else value
@@ -151,8 +168,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
         super().__post_init__()
 
 
-def parse_args(argv: list[str] | None = None):
-    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file.
+def parse_args(argv: list[str] | None = None, plan: bool = False):
+    """(model_args, data_args, training_args) from flags, or from one .json/.yaml file; with `plan` (or
+    --plan / --plan_json among them) built for planning (`parse_for_plan`).
 
     Raises OptionError for a missing or broken options file, an unknown key (with the closest valid
     option), a broken --deepspeed config and values the option classes reject.
@@ -165,10 +183,31 @@ def parse_args(argv: list[str] | None = None):
         check_option_names(options, option_names(parser), path)
         options = numbers_from_text(options, parser, path)
         check_deepspeed_config(options.get("deepspeed"))
+        if plan or options.get("plan") or options.get("plan_json"):
+            return _build(lambda: parse_for_plan(parser, options), f"{path}: ")
         return _build(lambda: parser.parse_dict(options), f"{path}: ")
     namespace, _ = parser.parse_known_args(args=argv)
     check_deepspeed_config(getattr(namespace, "deepspeed", None))
+    if plan or namespace.plan or namespace.plan_json:
+        return _build(lambda: parse_for_plan(parser, vars(parser.parse_args(argv))), "")
     return _build(lambda: parser.parse_args_into_dataclasses(args=argv), "")
+
+
+# What TrainingArguments checks against the machine it runs on (bf16 needs a GPU, --deepspeed starts
+# its distributed setup): a plan is made where the run will not be, so these are set after the checks.
+MACHINE_BOUND_OPTIONS = ("bf16", "fp16", "deepspeed", "use_cpu")
+
+
+def parse_for_plan(parser: HfArgumentParser, options: dict):
+    """The option classes for --plan: built as on a CPU without mixed precision or DeepSpeed (so no
+    GPU is needed), then given the command's own values of those options back."""
+    options = dict(options)
+    kept = {name: options.pop(name) for name in MACHINE_BOUND_OPTIONS if name in options}
+    model_args, data_args, training_args = parser.parse_dict({**options, "use_cpu": True})
+    for name in MACHINE_BOUND_OPTIONS:
+        setattr(training_args, name, kept.get(name, False if name != "deepspeed" else None))
+    training_args.plan = True
+    return model_args, data_args, training_args
 
 
 def _build(parse, where: str):
@@ -194,30 +233,71 @@ def read_options_file(path: str) -> dict:
 
 
 def read_json_or_yaml(path: str, what: str):
-    """JSON (a .json file) or YAML; OptionError saying `what` is missing, or where its syntax breaks."""
+    """JSON (a .json file) or YAML; OptionError saying `what` is missing, or where its syntax
+    breaks. A key given twice is refused (both readers would keep the last one silently)."""
     text = _read_file(path, what)
     if path.endswith(".json"):
         return _parse_json(text, path, what)
     import yaml
 
+    _refuse_yaml_line_breaks(text, path)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_yaml_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise OptionError(f"{where}: invalid YAML in the {what}: {getattr(e, 'problem', None) or e}") from None
 
 
+def _unique_keys_yaml_loader():
+    """yaml.SafeLoader that refuses a mapping holding one key twice, at the second one."""
+    import yaml
+
+    class UniqueKeysLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader says what is wrong with it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice in one mapping (a YAML reader keeps only the "
+                                    f"last value); keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeysLoader
+
+
+_YAML_LINE_BREAKS = {"\x85": "U+0085 NEXT LINE", "\u2028": "U+2028 LINE SEPARATOR",
+                     "\u2029": "U+2029 PARAGRAPH SEPARATOR"}
+
+
+def _refuse_yaml_line_breaks(text: str, path: str) -> None:
+    """YAML reads U+0085, U+2028 and U+2029 as line breaks where editors (and line numbers) do not."""
+    for char, name in _YAML_LINE_BREAKS.items():
+        if char in text:
+            line = text.count("\n", 0, text.index(char)) + 1
+            raise OptionError(f"{path}:{line}: a raw {name} character, which YAML reads as a line break; write it "
+                              f"as \\u{ord(char):04x} inside a double-quoted string")
+
+
 def _read_file(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise OptionError(f"{path}: {what} missing (no such file)")
-    with open(path, encoding="utf-8") as f:
+    problem = file_problem(path, what)
+    if problem:
+        raise OptionError(problem)
+    with open(path, encoding="utf-8", newline="") as f:
         return f.read()
 
 
 def _parse_json(text: str, path: str, what: str):
     try:
-        return json.loads(text)
+        return strict_json.loads(text)
+    except strict_json.StrictJsonError as e:
+        raise OptionError(f"{path}: {e}") from None
     except json.JSONDecodeError as e:
         raise OptionError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the {what}: {e.msg}") from None
 
@@ -225,8 +305,7 @@ def _parse_json(text: str, path: str, what: str):
 def check_option_names(options: dict, valid: list[str], path: str) -> None:
     for key in options:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else " (python finetune.py --help lists them)"
+            hint = did_you_mean(str(key), valid) or " (python finetune.py --help lists them)"
             raise OptionError(f"{path}: unknown option {key!r}{hint}")
 
 
@@ -272,8 +351,11 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--do_predict needs --test_file")
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(data_args, name)
-        if path and not os.path.exists(path):
-            raise OptionError(f"--{name} {path}: no such file")
+        if path and not os.path.exists(path) and getattr(training_args, "plan", False):
+            continue  # a plan made before the data exists uses the caps
+        problem = path and data_source_problem(path)
+        if problem:  # before anything hashes or reads it: a device or a named pipe would never end
+            raise OptionError(f"--{name} {problem}")
     if not os.path.isdir(model_args.model_name_or_path):
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
                           f"(models load from local folders only; convert an original ChatGLM3 folder with "
@@ -307,6 +389,7 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
     if not data_args.allow_longer_than_model and data_args.train_format in FIXED_RECORD_FORMAT:
         check_fits_model_context(model_args, data_args)
     check_safety_options(training_args)
+    check_plan_options(training_args)
 
 
 def _check_val_size(data_args) -> None:
@@ -352,6 +435,20 @@ def check_safety_options(training_args) -> None:
                           "skipped by loss scaling) before a bad batch can be dropped")
     if getattr(training_args, "save_every_minutes", 0) < 0:
         raise OptionError(f"--save_every_minutes must be >= 0, got {training_args.save_every_minutes}")
+
+
+def check_plan_options(training_args) -> None:
+    from chatglm3_finetune.plan.cards import parse_memory
+
+    if getattr(training_args, "gpu_memory", None):
+        try:
+            parse_memory(training_args.gpu_memory)
+        except ValueError as e:
+            raise OptionError(f"--gpu_memory {e}") from None
+    for name in ("plan_num_gpus", "plan_num_nodes"):
+        value = getattr(training_args, name, None)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name} must be at least 1, got {value}")
 
 
 def _check_ptuning_checkpoint(model_args: ModelArguments) -> None:

@@ -40,6 +40,7 @@ from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, pla
 from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
+from chatglm3_finetune.plan import check_memory_before_loading  # noqa: E402
 from chatglm3_finetune.data.training_data import (  # noqa: E402
     caps_text, length_limits, load_split, pack_dataset, read_split_records,
 )
@@ -102,7 +103,7 @@ def prepare_output_dir(model_args, data_args, training_args) -> str | None:
     try:
         plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
                         step, write=training_args.should_save, start_over=fresh)
-    except ResumeRefused as e:
+    except (ResumeRefused, DataError) as e:
         fail(str(e))
     if plan.finished:
         if training_args.process_index == 0:
@@ -139,18 +140,22 @@ def train_to_the_end(trainer, resume_from: str | None):
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, plan: bool = False) -> None:
     started = time.monotonic()
     try:
-        model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args = parse_args(argv, plan=plan)
         check_options(model_args, data_args, training_args)
         check_versions()
     except (OptionError, UntestedVersionError) as e:
         fail(str(e))
+    if training_args.plan:  # --plan / --plan_json: the memory and time plan, nothing loaded or written
+        sys.exit(make_plan(model_args, data_args, training_args))
     setup_logging(training_args)
     if training_args.activation_checkpointing and not training_args.activation_checkpointing_kwargs:
         training_args.activation_checkpointing_kwargs = {"use_reentrant": False}
     set_seed(training_args.seed)
+    if training_args.do_train:  # a GPU run too big for its GPU stops here, before anything loads or is written
+        check_memory_plan(model_args, data_args, training_args)
     resume_from = prepare_output_dir(model_args, data_args, training_args)
 
     try:
@@ -246,6 +251,38 @@ def main(argv: list[str] | None = None) -> None:
             {name: report for name, (_, report) in splits.items()}, caps_text(length_limits(data_args)), trained,
             results, training_args.output_dir, model_args.tuning_method, model_args.model_name_or_path)), flush=True)
     finish_distributed()
+
+
+def make_plan(model_args, data_args, training_args) -> int:
+    from chatglm3_finetune.data.records import DataError
+    from chatglm3_finetune.plan import PlanInputError, print_plan
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        return print_plan(model_args, data_args, training_args)
+    except (PlanInputError, DataError, OptionError) as e:
+        fail(str(e))
+
+
+def check_memory_plan(model_args, data_args, training_args) -> None:
+    """GPU runs: the plan's summary line, and a stop (exit 2) when the run clearly does not fit. A plan
+    that cannot be made does not stop the run: loading reports what is wrong with the model or data."""
+    from chatglm3_finetune.data.records import DataError
+
+    try:
+        too_big = check_memory_before_loading(model_args, data_args, training_args)
+    except DataError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - the plan is advice; the run itself decides what fails
+        logger.warning("No memory plan for this run (%s: %s); going on without the check", type(e).__name__, e)
+        return
+    if too_big:
+        fail(too_big)
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """The console command chatglm3-plan: finetune.py's options, planned (as with --plan)."""
+    main(argv, plan=True)
 
 
 def start_deepspeed_comm() -> None:

@@ -35,6 +35,8 @@ from chatglm3_finetune.format.chat_parsing import AssistantReply
 from chatglm3_finetune.format.chat_format import render_interpreter_code, render_tool_call
 from chatglm3_finetune.model.loading import ModelLoadError
 from chatglm3_finetune.compat import UntestedVersionError
+from chatglm3_finetune.data import strict_json
+from chatglm3_finetune.data.paths import file_problem
 from chatglm3_finetune.data.records import DataError
 from chatglm3_finetune.format.chat_format import Message, tools_system_prompt
 
@@ -92,13 +94,16 @@ def fail(message: str) -> int:
 
 
 def read_tools(path: str) -> list:
-    if not os.path.isfile(path):
-        raise DataError(f"--tools {path}: no such file")
+    problem = file_problem(path, "tools file")
+    if problem:
+        raise DataError(f"--tools {problem}")
     try:
-        with open(path, encoding="utf-8") as f:
-            tools = json.load(f)
+        with open(path, encoding="utf-8", newline="") as f:
+            tools = strict_json.loads(f.read())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except (strict_json.StrictJsonError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: {e}") from None
     if not isinstance(tools, list):
         raise DataError(f"{path}: --tools needs a JSON list of tools (as in a record's \"tools\")")
     return tools

@@ -78,9 +78,9 @@ def free_port() -> int:
 
 
 def start_server(args, model_dir: str, port: int, max_batch_size: int) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "api_server.py"), "--model", model_dir, "--port", str(port),
-               "--device", args.device, "--log-level", "warning", "--max-batch-size", str(max_batch_size),
-               "--max-queue", str(max(64, max(args.clients)))]
+    command = [sys.executable, str(ROOT / "api_server.py"), "--model", model_dir, "--model-name", "bench",
+               "--port", str(port), "--device", args.device, "--log-level", "warning",
+               "--max-batch-size", str(max_batch_size), "--max-queue", str(max(64, max(args.clients)))]
     for flag, value in (("--tokenizer", args.tokenizer), ("--pt-checkpoint", args.pt_checkpoint),
                         ("--lora", args.lora), ("--dtype", args.dtype), ("--threads", args.threads)):
         if value:

@@ -80,6 +80,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# The FLOPs formula (see above) lives in the package, where the memory plan uses it too.
+from chatglm3_finetune.plan.flops import batch_flops, model_shape  # noqa: E402,F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZER_DIR = SHARED / "chatglm3-tokenizer"
@@ -446,37 +449,6 @@ def profiler_callback(warmup_steps: int, steps: int, cuda: bool, path: str):
             self.prof.stop()
 
     return Profiler()
-
-
-def model_shape(model) -> dict:
-    """What the FLOPs formula needs, read off the loaded model (a P-Tuning wrapper's base included)."""
-    causal_lm = model.base_model if hasattr(model, "prefix_encoder") else model  # unwrap P-Tuning
-    config = causal_lm.config
-    output_ids = {id(p) for p in causal_lm.get_input_embeddings().parameters()} | {
-        id(p) for p in causal_lm.get_output_embeddings().parameters()}
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    def numel(p):  # a ZeRO-3 shard is empty; ds_numel is the whole parameter
-        return getattr(p, "ds_numel", p.numel())
-
-    return {"params": sum(numel(p) for p in causal_lm.parameters()),
-            "body_params": sum(numel(p) for p in causal_lm.parameters() if id(p) not in output_ids),
-            "hidden": config.hidden_size, "layers": config.num_hidden_layers,
-            "attn_dim": config.num_attention_heads * head_dim, "vocab": causal_lm.get_output_embeddings().out_features}
-
-
-def batch_flops(shape: dict, batch: dict, trains_weights: bool, full_logits: bool, prefix_len: int = 0,
-                executed: bool = False) -> float:
-    """Model FLOPs of one training step on a batch (see the module doc); `executed` counts padding too."""
-    k = 6 if trains_weights else 4
-    if executed:
-        tokens = batch.get("positions", batch["rows"] * batch["padded_length"])
-        lengths = batch.get("attention_lengths", [batch["padded_length"]] * batch["rows"])
-    else:
-        tokens, lengths = batch["real_tokens"], batch["record_lengths"]
-    output_positions = tokens if full_logits else batch["supervised_tokens"]
-    attention = 6 * shape["layers"] * shape["attn_dim"] * sum(n * n for n in lengths)
-    attention += 12 * shape["layers"] * shape["attn_dim"] * prefix_len * tokens
-    return k * shape["body_params"] * tokens + attention + k * shape["hidden"] * shape["vocab"] * output_positions
 
 
 def matmul_peak(device: str, dtype, repeats: int = 3) -> tuple[float, float | None]:

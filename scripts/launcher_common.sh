@@ -15,11 +15,18 @@
 #   OUTPUT_DIR       default output/RUN_NAME-DATESTR-...; rerun with the same OUTPUT_DIR to resume
 #                    (finetune.py continues from its newest checkpoint; train.log is appended to)
 #   USE_CPU=1        train on the CPU; PRECISION=bf16|fp16|fp32|auto (auto: fp32 on the CPU, else
-#                    bf16 where the GPU supports it, fp16 where not)
+#                    bf16 where the GPU supports it, fp16 where not; bf16, said on stderr, where no
+#                    GPU is visible, as on a login node)
+#   SAVE_TOTAL_LIMIT keep at most this many checkpoint-N folders, the newest (finetune.py
+#                    --save_total_limit; 2 for full fine-tuning, 3 for P-Tuning and LoRA; 0 keeps all)
 #   EXTRA_ARGS       more finetune.py flags (or give them after the script's name), split like
 #                    shell words: quotes group words ("--run_name 'two words'"); nothing in them is
 #                    expanded or run
 #   DRY_RUN=1        print the command (ready to paste) instead of running it
+#   PLAN=1           print the run's memory and time plan (finetune.py --plan: peak GPU memory and its
+#                    parts per process, time, host memory, disk, what to change to fit) instead of
+#                    running it: one process on this machine, no GPU and no torchrun needed, the
+#                    weights never loaded; NUM_GPUS/NNODES say how many processes to plan for
 #   PYTHON           the interpreter (default: the active virtual environment's, else the
 #                    project's .venv/bin/python, else python3); torchrun and DeepSpeed's launcher
 #                    run as its modules, so nothing depends on PATH
@@ -83,8 +90,12 @@ set_device_args() {
         DEVICE_ARGS+=(--use_cpu)
         if [ "$PRECISION" = auto ]; then PRECISION=fp32; fi
     elif [ "$PRECISION" = auto ]; then
-        PRECISION=$("$PYTHON" -c "import torch; print('bf16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'fp16')") \
+        PRECISION=$("$PYTHON" -c "import torch; print(('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if torch.cuda.is_available() else 'unseen')") \
             || fail "$PYTHON could not import torch to choose PRECISION=auto: run 'bash scripts/setup.sh'"
+        if [ "$PRECISION" = unseen ]; then  # a login node: the GPUs that will train are elsewhere
+            PRECISION=bf16
+            echo "PRECISION=auto: no GPU visible here, assuming bf16 (Ampere or newer); set PRECISION=fp16 for V100/T4" >&2
+        fi
     fi
     case "$PRECISION" in
         bf16) DEVICE_ARGS+=(--bf16) ;;
@@ -144,7 +155,8 @@ except ValueError as e:
 }
 
 # launch_finetune METHOD FORMAT [finetune.py flags...]: METHOD is full (DeepSpeed, DS_CONFIG),
-# p-tuning (PRE_SEQ_LEN) or lora (LORA_RANK, LORA_ALPHA, LORA_DROPOUT, LORA_TARGET, QUANTIZATION_BIT).
+# p-tuning (PRE_SEQ_LEN, QUANTIZATION_BIT) or lora (LORA_RANK, LORA_ALPHA, LORA_DROPOUT, LORA_TARGET,
+# QUANTIZATION_BIT: 4 or 8 bits for the frozen base).
 launch_finetune() {
     local method=$1 format=$2 suffix
     shift 2
@@ -154,7 +166,8 @@ launch_finetune() {
     local method_args length_args
     case "$method" in
         full)
-            defaults DS_CONFIG=configs/ds_zero2.json
+            # a checkpoint holds weights and optimizer states: 14-16 bytes per parameter
+            defaults DS_CONFIG=configs/ds_zero2.json SAVE_TOTAL_LIMIT=2
             method_args=(--deepspeed "$DS_CONFIG")
             suffix=$LR ;;
         p-tuning)
@@ -163,9 +176,12 @@ launch_finetune() {
         lora)
             method_args=(--lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
                          --lora_target "$LORA_TARGET")
-            if [ -n "${QUANTIZATION_BIT:-}" ]; then method_args+=(--quantization_bit "$QUANTIZATION_BIT"); fi
             suffix=r$LORA_RANK-$LR ;;
     esac
+    defaults SAVE_TOTAL_LIMIT=3
+    [[ "$SAVE_TOTAL_LIMIT" =~ ^[0-9]+$ ]] || fail "SAVE_TOTAL_LIMIT must be a whole number (0 keeps every checkpoint), got '$SAVE_TOTAL_LIMIT'"
+    if [ "$SAVE_TOTAL_LIMIT" != 0 ]; then method_args+=(--save_total_limit "$SAVE_TOTAL_LIMIT"); fi
+    if [ -n "${QUANTIZATION_BIT:-}" ]; then method_args+=(--quantization_bit "$QUANTIZATION_BIT"); fi
     case "$format" in
         input-output) length_args=(--max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN") ;;
         multi-turn) length_args=(--max_seq_length "$MAX_SEQ_LEN") ;;
@@ -199,11 +215,15 @@ launch_finetune() {
         --activation_checkpointing
         --ddp_find_unused_parameters false
         "${method_args[@]}" "${DEVICE_ARGS[@]}" "${EXTRA[@]}" "$@")
+    if [ "${PLAN:-0}" = 1 ]; then  # one process plans each of the run's: finetune.py without its launcher
+        command=("$PYTHON" "${command[@]:${#LAUNCHER[@]}}" --plan --plan_num_gpus "$NUM_GPUS" --plan_num_nodes "$NNODES")
+    fi
     if [ "${DRY_RUN:-0}" = 1 ]; then
         printf '%q ' "${command[@]}" | sed 's/ $//'
         echo
         exit 0
     fi
+    if [ "${PLAN:-0}" = 1 ]; then exec "${command[@]}"; fi
     echo "+ $(printf '%q ' "${command[@]}")" >&2
     mkdir -p "$OUTPUT_DIR"
     # tee outlives Ctrl-C and SIGTERM so it still logs what finetune.py prints while it stops.

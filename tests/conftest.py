@@ -1,4 +1,5 @@
-"""Shared fixtures: the real ChatGLM3 tokenizer (when ../shared/data is present) and tiny models."""
+"""Shared fixtures: the real ChatGLM3 tokenizer (when ../shared/data is present) and tiny models; and a
+clean stop of the suite on SIGTERM or Ctrl-C (suite_processes)."""
 
 import logging
 import os
@@ -8,11 +9,22 @@ from pathlib import Path
 
 import pytest
 
+import suite_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def pytest_configure(config):
+    suite_processes.install()  # SIGTERM stops the suite and kills what the tests started
+
+
+def pytest_keyboard_interrupt(excinfo):
+    """Ctrl-C, and the stop SIGTERM turns into: nothing the tests started outlives the suite."""
+    suite_processes.kill_suite_processes()
 
 
 def shared_path(*parts: str) -> Path:

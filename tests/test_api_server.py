@@ -239,11 +239,12 @@ def test_stop_string_and_max_tokens(tiny_server, tiny_chat):
     if len(stop) < 2 or stop.isspace():
         pytest.skip("the random model's answer is too short to cut with a stop string")
     client = tiny_server.client()
-    cut = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me more"}],
+    cut = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Tell me more"}],
                                          max_tokens=30, temperature=0, stop=[stop])
     assert cut.choices[0].message.content == content[:content.index(stop)].strip()
     assert cut.choices[0].finish_reason == "stop"
-    short = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me more"}],
+    short = client.chat.completions.create(model="tiny-chatglm3",
+                                           messages=[{"role": "user", "content": "Tell me more"}],
                                            max_tokens=2, temperature=0)
     assert short.usage.completion_tokens <= 2
 
@@ -376,7 +377,10 @@ def test_streamed_deltas_add_up_to_the_whole_reply(messages):
     ([1, 2], None, "JSON object"),
     ({"model": "m"}, "messages", "'messages' is required"),
     ({"messages": []}, "messages", "at least 1 item"),
-    ({"messages": [{"role": "sytem", "content": "x"}]}, "messages[0].role", "should be 'system', 'developer', 'user', 'assistant' or 'tool'"),
+    ({"messages": [{"role": "sytem", "content": "x"}]}, "messages[0].role",
+     "'sytem' is not one of system, developer, user, assistant, tool; did you mean 'system'?"),
+    ({"messages": [{"role": "User", "content": "x"}]}, "messages[0].role", "did you mean 'user'?"),
+    ({"messages": [{"role": 7, "content": "x"}]}, "messages[0].role", "should be 'system', 'developer', 'user'"),
     ({"messages": ["hi"]}, "messages[0]", "must be an object"),
     ({"messages": [{"role": "user"}]}, "messages[0]", "needs 'content'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type", "should be 'text'"),
@@ -405,7 +409,8 @@ def test_prompt_longer_than_the_context_is_refused(tiny_server, tiny_chat):
     context = tiny_chat.model.config.max_position_embeddings
     long_text = "Hello! " * context
     with pytest.raises(openai.BadRequestError) as refused:
-        tiny_server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": long_text}])
+        tiny_server.client().chat.completions.create(model="tiny-chatglm3",
+                                                     messages=[{"role": "user", "content": long_text}])
     assert refused.value.status_code == 400
     assert refused.value.body["code"] == "context_length_exceeded"
     assert f"maximum context length is {context} tokens" in refused.value.body["message"]
@@ -462,7 +467,8 @@ def test_request_whose_client_left_while_queued_is_skipped(tiny_tokenizer):
     model.replies += [reply_ids(tiny_tokenizer, ("", "First.")), reply_ids(tiny_tokenizer, ("", "Third."))]
     with server, ThreadPoolExecutor(1) as pool:
         client = server.client()
-        first = pool.submit(client.chat.completions.create, model="s", messages=[{"role": "user", "content": "1"}])
+        first = pool.submit(client.chat.completions.create, model="scripted",
+                            messages=[{"role": "user", "content": "1"}])
         while not model.prompts:  # the first request holds the model
             time.sleep(0.01)
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -472,7 +478,7 @@ def test_request_whose_client_left_while_queued_is_skipped(tiny_tokenizer):
         time.sleep(0.5)  # its disconnect is noticed within DISCONNECT_POLL_S
         release.set()
         assert first.result().choices[0].message.content == "First."
-        third = client.chat.completions.create(model="s", messages=[{"role": "user", "content": "3"}])
+        third = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "3"}])
         assert third.choices[0].message.content == "Third."
     tok = tiny_tokenizer
     user_texts = [tok.decode(p[p.index(tok.role_token_id("user")) + 1:-1]).strip() for p in model.prompts]
@@ -592,6 +598,61 @@ def test_oversized_slow_and_over_limit_requests_are_refused(tiny_tokenizer):
         assert status == 400 and body["error"]["param"] == "max_tokens" and "limit of 50" in body["error"]["message"]
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("body,param,literal", [
+    ({"temperature": NAN}, "temperature", "NaN"),
+    ({"temperature": INF}, "temperature", "Infinity"),
+    ({"top_p": NAN}, "top_p", "NaN"),
+    ({"top_p": -INF}, "top_p", "-Infinity"),
+    ({"presence_penalty": NAN}, "presence_penalty", "NaN"),  # ignored by this server, but not valid JSON
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"default": NAN}}}]},
+     "tools[0].function.parameters.default", "NaN"),
+    ({"stream": True, "temperature": NAN}, "temperature", "NaN"),
+])
+def test_non_finite_numbers_get_a_400_that_names_the_parameter(scripted, scripted_model, body, param, literal):
+    """Python's json reads NaN and Infinity, and the range checks then said "less than or equal to 2"
+    for a temperature of NaN."""
+    body = {"messages": [{"role": "user", "content": "x"}], **body}
+    status, payload = post(scripted.server, "/v1/chat/completions", body)
+    assert status == 400 and payload["error"]["param"] == param
+    assert payload["error"]["message"].startswith(f"{param}: {literal} is not a JSON number")
+    assert payload["error"]["type"] == "invalid_request_error" and not scripted_model.prompts
+
+
+def test_numbers_beyond_the_float_range_and_repeated_keys_are_400(scripted, scripted_model):
+    status, payload = post(scripted.server, "/v1/chat/completions",
+                           b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}')
+    assert status == 400 and payload["error"]["param"] == "temperature"
+    assert payload["error"]["message"] == ("temperature: 1e999 is beyond the range of a float (it would be read as "
+                                           "infinity); write a smaller number")
+    status, payload = post(scripted.server, "/v1/chat/completions",
+                           b'{"messages": [{"role": "user", "content": "x", "content": "y"}]}')
+    assert status == 400 and payload["error"]["param"] == "messages[0].content"
+    assert "the key 'content' appears twice" in payload["error"]["message"]
+    assert not scripted_model.prompts
+
+
+def test_a_request_for_another_model_gets_404_model_not_found(scripted, scripted_model):
+    """As OpenAI answers it (404, type invalid_request_error, code model_not_found), naming the
+    model this server does serve; a request without a model is served by it."""
+    client = scripted.server.client()
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=stream)
+        error = refused.value.body
+        assert refused.value.status_code == 404 and error["code"] == "model_not_found"
+        assert error["type"] == "invalid_request_error" and error["param"] == "model"
+        assert error["message"].startswith("The model `gpt-4o` does not exist: this server serves `scripted`")
+    status, payload = post(scripted.server, "/v1/models/gpt-4o", None, method="GET")
+    assert status == 404 and payload["error"]["code"] == "model_not_found"
+    assert not scripted_model.prompts
+    scripted_model.replies.append(reply_ids(scripted.tokenizer, ("", "Hi.")))
+    status, payload = post(scripted.server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and payload["model"] == "scripted"
+
+
 @pytest.mark.parametrize("body,param", [
     (b"[" * 100_000 + b"]" * 100_000, None),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 5000 + b"}", None),
@@ -608,13 +669,13 @@ def test_extreme_sampling_settings_are_served(tiny_server):
     client = tiny_server.client()
     for settings in ({"temperature": 1e-300}, {"seed": 2**64 - 1, "temperature": 1.5}, {"seed": -2**63},
                      {"top_p": 1e-300, "temperature": 2}):
-        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+        answer = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4, **settings)
         assert answer.usage.completion_tokens >= 1
-    greedy = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                                            temperature=0)
-    tiny = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
-                                          temperature=1e-300)
+    greedy = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=8, temperature=0)
+    tiny = client.chat.completions.create(model="tiny-chatglm3", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=1e-300)
     assert tiny.choices[0].message.content == greedy.choices[0].message.content
 
 
@@ -696,7 +757,7 @@ def test_paths_come_from_the_environment_or_flags():
     args = parse_args([], {"MODEL_PATH": "models/base", "TOKENIZER_PATH": "tok", "PT_PATH": "output/pt-run"})
     assert (args.model, args.tokenizer, args.pt_checkpoint, args.lora) == ("models/base", "tok", "output/pt-run", None)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
-    assert served_model_name(args) == "pt-run"
+    assert served_model_name(args) == "chatglm3"  # what the docs' examples send; --model-name changes it
     args = parse_args(["--model", "full", "--lora", "adapter", "--host", "0.0.0.0", "--port", "9000",
                        "--max-context", "2048"], {"MODEL_PATH": "ignored", "LORA_PATH": "ignored"})
     assert (args.model, args.lora, args.host, args.port, args.max_context) == ("full", "adapter", "0.0.0.0", 9000, 2048)

@@ -51,7 +51,7 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
 
 def test_missing_options_file_is_called_missing(tmp_path, capsys):
     err = finetune_error(capsys, [str(tmp_path / "nope.yaml")])
-    assert err == f"error: {tmp_path / 'nope.yaml'}: options file missing (no such file)"
+    assert err == f"error: {tmp_path / 'nope.yaml'}: no such options file"
 
 
 def test_unknown_key_is_named_with_the_closest_option(tmp_path, capsys, tiny_model_dir, formatted_samples):
@@ -92,7 +92,7 @@ def test_broken_deepspeed_config(tmp_path, capsys, tiny_model_dir, formatted_sam
         return finetune_error(capsys, argv)
 
     missing = tmp_path / "ds_missing.json"
-    assert error_for(str(missing)) == f"error: {missing}: --deepspeed config missing (no such file)"
+    assert error_for(str(missing)) == f"error: {missing}: no such --deepspeed config"
     broken = tmp_path / "ds.json"
     broken.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')
     assert error_for(str(broken)).startswith(f"error: {broken}:2:36: invalid JSON in the --deepspeed config")

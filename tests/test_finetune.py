@@ -32,7 +32,7 @@ def test_unknown_train_format_is_rejected(tiny_model_dir, formatted_samples, tmp
 def test_missing_data_file_is_rejected(tiny_model_dir, tmp_path, finetune_in_process):
     result = finetune_in_process(*common_args(tiny_model_dir, str(tmp_path / "nope.jsonl"), tmp_path / "o"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: --train_file {tmp_path / 'nope.jsonl'}: no such file"
+    assert result.stderr.strip() == f"error: --train_file {tmp_path / 'nope.jsonl'}: no such data file"
     assert "Loaded" not in result.stdout
 
 

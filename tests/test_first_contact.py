@@ -289,6 +289,7 @@ OTHER_TOOLS_OPTIONS = {  # options of programs that are not this project's, name
     "--index-url", "--no-deps", "--only-binary", "--platform", "--python-version", "--implementation",  # pip
     "--served-model-name", "--enable-auto-tool-choice", "--tool-call-parser",  # vllm serve
     "--ntasks-per-node",  # srun
+    "--lf",  # pytest
 }
 PROGRAMS = ["finetune.py", "preprocess_utils.py", "inference.py", "api_server.py",
             *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "scripts").glob("*.py")),

@@ -134,6 +134,58 @@ def test_lora_multi_turn_defaults():
         "error: FORMAT must be input-output or multi-turn, got 'chat'"
 
 
+AUTO_PRECISION_LINE = ("PRECISION=auto: no GPU visible here, assuming bf16 (Ampere or newer); "
+                       "set PRECISION=fp16 for V100/T4")
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_auto_precision_without_a_visible_gpu_assumes_bf16_and_says_so(name):
+    """A dry run on a login node (no GPU visible: CUDA_VISIBLE_DEVICES empty) prints a command for the
+    GPUs that will run it, in bf16, never fp16, and one line on stderr that says so and how to change it."""
+    result = run_launcher(name, timeout=60, DRY_RUN=1, PRECISION="auto", CUDA_VISIBLE_DEVICES="")
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout)
+    assert "--bf16" in command and "--fp16" not in command and "--use_cpu" not in command
+    assert result.stderr.strip().splitlines() == [AUTO_PRECISION_LINE]
+    on_the_cpu = run_launcher(name, timeout=60, DRY_RUN=1, PRECISION="auto", USE_CPU=1, CUDA_VISIBLE_DEVICES="")
+    assert "--bf16" not in shlex.split(on_the_cpu.stdout) and AUTO_PRECISION_LINE not in on_the_cpu.stderr
+    chosen = run_launcher(name, timeout=60, DRY_RUN=1, PRECISION="fp16", CUDA_VISIBLE_DEVICES="")
+    assert "--fp16" in shlex.split(chosen.stdout) and AUTO_PRECISION_LINE not in chosen.stderr
+
+
+@pytest.mark.slow
+def test_auto_precision_without_a_visible_gpu_in_a_real_launch(tiny_model_dir, formatted_data, tmp_path):
+    """Launched for real with no GPU visible: the same line, then finetune.py refuses bf16 without a
+    GPU (or --use_cpu) with one error line and exit code 2."""
+    result = run_launcher("finetune_pt.sh", PRECISION="auto", CUDA_VISIBLE_DEVICES="", BASE_MODEL_PATH=tiny_model_dir,
+                          DATASET_PATH=formatted_data["input-output"], OUTPUT_DIR=tmp_path / "run")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert AUTO_PRECISION_LINE in result.stderr.splitlines()
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "bf16" in last_line, last_line
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ("finetune_pt.sh", "finetune_pt_multiturn.sh", "finetune_lora.sh"))
+def test_quantization_bit_reaches_finetune_from_the_ptuning_and_lora_launchers(name):
+    assert flag_value(dry_run(name, QUANTIZATION_BIT=8), "--quantization_bit") == "8"
+    assert flag_value(dry_run(name, QUANTIZATION_BIT=4), "--quantization_bit") == "4"
+    assert "--quantization_bit" not in dry_run(name)
+
+
+@pytest.mark.parametrize("name, default", [("finetune_ds.sh", "2"), ("finetune_ds_multiturn.sh", "2"),
+                                           ("finetune_pt.sh", "3"), ("finetune_pt_multiturn.sh", "3"),
+                                           ("finetune_lora.sh", "3")])
+def test_save_total_limit_has_a_default_and_can_be_changed_or_turned_off(name, default):
+    assert flag_value(dry_run(name), "--save_total_limit") == default
+    assert flag_value(dry_run(name, SAVE_TOTAL_LIMIT=5), "--save_total_limit") == "5"
+    assert "--save_total_limit" not in dry_run(name, SAVE_TOTAL_LIMIT=0)
+    result = run_launcher(name, timeout=60, DRY_RUN=1, PRECISION="bf16", SAVE_TOTAL_LIMIT="two")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: SAVE_TOTAL_LIMIT must be a whole number (0 keeps every checkpoint), got 'two'"
+
+
 @pytest.mark.parametrize("name", ("finetune_ds.sh", "finetune_ds_multiturn.sh"))
 def test_one_deepspeed_process_gets_torchruns_variables_without_torchrun(name):
     command = dry_run(name, USE_CPU=1, MASTER_PORT=29533)
@@ -319,6 +371,25 @@ def test_ptuning_checkpoint_is_the_prefix_alone_and_reloads(run, request, tiny_m
     loaded = model.base_model.state_dict()
     assert base_tensors.keys() <= loaded.keys()
     assert all(torch.equal(loaded[key], tensor) for key, tensor in base_tensors.items())
+
+
+@pytest.mark.slow
+def test_ptuning_launcher_trains_on_an_8bit_base(tiny_model_dir, formatted_data, tmp_path):
+    """QUANTIZATION_BIT=8 through finetune_pt.sh on the CPU (bitsandbytes): the base is loaded in 8 bits,
+    the prefix trains (the loss falls) and is saved alone."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: quantized bases cannot be tested")
+    output_dir = tmp_path / "run"
+    result = run_launcher("finetune_pt.sh", **tiny_run(tiny_model_dir, formatted_data["input-output"], output_dir,
+                                                       tmp_path / "cache", MAX_STEP=4, SAVE_INTERVAL=4,
+                                                       QUANTIZATION_BIT=8))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "linear layers in 8 bits" in result.stdout
+    assert flag_value(shlex.split(result.stderr.splitlines()[0][2:]), "--quantization_bit") == "8"
+    losses = losses_of(output_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 1e-3, losses
+    assert json.loads((output_dir / "run_config.json").read_text())["model"]["quantization_bit"] == 8
+    assert sorted(path.name for path in output_dir.iterdir() if path.suffix == ".safetensors") == \
+        ["prefix_encoder.safetensors"]
 
 
 # ---- how the processes start, end and fail ---------------------------------------------------------

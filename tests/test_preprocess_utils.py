@@ -37,7 +37,7 @@ def test_preview_command_reports_data_errors_without_traceback(tmp_path, tiny_mo
                              "--train_format", "multi-turn", "--data", path], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {path}:2: conversations[1].role: 'sytem' is not one of system, "
-                                     "user, assistant, tool, interpreter, observation")
+                                     "user, assistant, tool, interpreter, observation; did you mean 'system'?")
 
 
 def test_preview_function_rejects_bad_index(tmp_path, tiny_tokenizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ..did_you_mean import did_you_mean
 from .sources import read_source
 from .records import (
     ALPACA, AUTO, INPUT_OUTPUT, MULTI_TURN, OPENAI, RECORD_FORMATS, SHAREGPT, DataError, json_type,
@@ -286,7 +287,8 @@ def _role(turn, field: str, key: str, roles) -> str:
     if key not in turn:
         raise FormatProblem(f"{field}.{key}", "missing")
     if turn[key] not in roles:
-        raise FormatProblem(f"{field}.{key}", f"{turn[key]!r} is not one of {', '.join(roles)}")
+        raise FormatProblem(f"{field}.{key}", f"{turn[key]!r} is not one of {', '.join(roles)}"
+                                              f"{did_you_mean(str(turn[key]), roles)}")
     return turn[key]
 
 

@@ -36,7 +36,13 @@ def pack_features(features: Sequence[dict], max_length: int) -> list[dict]:
                              "truncate it while encoding (max_seq_length) or raise the packing length")
         lengths.append(length)
 
-    # Best-fit decreasing: each record goes to the row with the least room that still fits it.
+    return [concatenate_records([features[i] for i in members]) for members in pack_lengths(lengths, max_length)]
+
+
+def pack_lengths(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """The rows `pack_features` makes of records of these lengths (each at most max_length), as
+    lists of record indices: best-fit decreasing, each record into the row with the least room
+    that still fits it."""
     # `free` is kept sorted as (room left, row index), so a lookup is a bisect.
     row_members: list[list[int]] = []
     free: list[tuple[int, int]] = []
@@ -51,7 +57,7 @@ def pack_features(features: Sequence[dict], max_length: int) -> list[dict]:
         row_members[row].append(index)
         if room - lengths[index] > 0:
             bisect.insort(free, (room - lengths[index], row))
-    return [concatenate_records([features[i] for i in members]) for members in row_members]
+    return row_members
 
 
 def concatenate_records(records: list[dict]) -> dict:
@@ -76,4 +82,4 @@ def seq_lens_from_position_ids(position_ids: Sequence[int]) -> list[int]:
     return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)])]
 
 
-__all__ = ["pack_features", "concatenate_records", "seq_lens_from_position_ids"]
+__all__ = ["pack_features", "pack_lengths", "concatenate_records", "seq_lens_from_position_ids"]

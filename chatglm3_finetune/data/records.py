@@ -8,7 +8,10 @@ import json
 import os
 import re
 
+from ..did_you_mean import did_you_mean
 from ..format.chat_format import NEVER_SUPERVISED_ROLES, ROLES
+from .paths import file_problem
+from .strict_json import StrictJsonError, field_path, loads
 
 MULTI_TURN = "multi-turn"
 INPUT_OUTPUT = "input-output"
@@ -25,10 +28,12 @@ class DataError(ValueError):
 def read_records(path: str) -> list[tuple[str, object]]:
     """(location, record) pairs from a `.jsonl` (one object a line) or `.json` (a list) file.
 
-    The location is `file:LINE` for JSON lines and `file[INDEX]` for a JSON list.
+    The location is `file:LINE` for JSON lines and `file[INDEX]` for a JSON list. Lines end at a
+    newline only (see split_lines). NaN, Infinity and a key given twice in one object are refused.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
+    problem = file_problem(path)
+    if problem:
+        raise DataError(problem)
     with open(path, "rb") as f:
         text = _decode(path, f.read())
     records = _read_json_list(path, text) if _looks_like_json_list(path, text) else _read_json_lines(path, text)
@@ -52,21 +57,36 @@ def _decode(path: str, data: bytes) -> str:
                         f"encoding?); save it as UTF-8") from None
 
 
-def _parse_json(where: str, text: str, line: int = 1):
-    """json.loads with every failure as one DataError naming `where` (file:line)."""
+def split_lines(text: str) -> list[str]:
+    r"""The lines of a JSON Lines text, split on "\n" only. str.splitlines() also ends a line at
+    U+2028, U+2029, U+0085, \x0b, \x0c, \x1c-\x1e and a lone \r; json.dumps(ensure_ascii=False)
+    writes the first three raw inside strings, so such records would break and every line number
+    after them would be off. A "\r" before the "\n" is JSON whitespace."""
+    return text.split("\n")
+
+
+def _parse_json(where: str, text: str, line: int | None = 1):
+    """Strict json loads (strict_json) with every failure as one DataError naming `where`: `file:line`
+    for a line of JSON Lines; for a whole list (`line` None) `file[INDEX]` and the field."""
     try:
-        value = json.loads(text)
+        value = loads(text)
+    except StrictJsonError as e:
+        if line is None and e.location and isinstance(e.location[0], int):
+            index, *inside = e.location
+            raise DataError(f"{where}[{index}]: {field_path(tuple(inside)) + ': ' if inside else ''}{e.problem}") \
+                from None
+        raise DataError(f"{where}:{line or 1}: {e}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}:{line + e.lineno - 1}: invalid JSON: {e.msg} (column {e.colno})") from None
+        raise DataError(f"{where}:{(line or 1) + e.lineno - 1}: invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
-        raise DataError(f"{where}:{line}: JSON nested too deeply to read") from None
+        raise DataError(f"{where}:{line or 1}: JSON nested too deeply to read") from None
     except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
-        raise DataError(f"{where}:{line}: unreadable JSON value: {e}") from None
+        raise DataError(f"{where}:{line or 1}: unreadable JSON value: {e}") from None
     if _SURROGATE_ESCAPE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"{where}:{line}: a lone UTF-16 surrogate escape (\\ud800-\\udfff) that is not "
+            raise DataError(f"{where}:{line or 1}: a lone UTF-16 surrogate escape (\\ud800-\\udfff) that is not "
                             f"part of a pair: this is not valid text") from None
     return value
 
@@ -81,7 +101,7 @@ def _looks_like_json_list(path: str, text: str) -> bool:
 
 
 def _is_json_lines(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in split_lines(text) if line.strip()), "")
     try:
         return isinstance(json.loads(first), dict)
     except (ValueError, RecursionError):
@@ -89,7 +109,7 @@ def _is_json_lines(text: str) -> bool:
 
 
 def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
-    data = _parse_json(path, text)
+    data = _parse_json(path, text, None)
     if not isinstance(data, list):
         raise DataError(f"{path}: a .json data file must hold a list of records, found {json_type(data)}")
     return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
@@ -97,7 +117,7 @@ def _read_json_list(path: str, text: str) -> list[tuple[str, object]]:
 
 def _read_json_lines(path: str, text: str) -> list[tuple[str, object]]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         records.append((f"{path}:{number}", _parse_json(path, line, number)))
@@ -188,7 +208,7 @@ def validate_conversation_record(record: dict, role_fields: list[str] | None = N
         if role is None:
             return f"{field}.role: missing"
         if role not in ROLES:
-            return f"{field}.role: {role!r} is not one of {', '.join(ROLES)}"
+            return f"{field}.role: {role!r} is not one of {', '.join(ROLES)}{did_you_mean(str(role), ROLES)}"
         if "loss" in turn and not isinstance(turn["loss"], bool):
             return f"{field}.loss: must be true or false, found {json.dumps(turn['loss'])}"
         if role == "system":

@@ -4,14 +4,21 @@
 
 from __future__ import annotations
 
+import math
 import os
 
+from .paths import NOT_A_DATASET_FOLDER, data_source_problem
 from .records import DataError, read_records
+from .strict_json import field_path
 
 
 def read_source(path: str, split: str | None = None, split_flag: str = "--split") -> list[tuple[str, object]]:
     """(location, record) pairs of a data file or dataset folder; `split` picks one split of a
-    folder saved as a DatasetDict (`split_flag` is the option that sets it, for the messages)."""
+    folder saved as a DatasetDict (`split_flag` is the option that sets it, for the messages).
+    The path is checked first (paths.data_source_problem): nothing else is read before."""
+    problem = data_source_problem(path)
+    if problem:
+        raise DataError(problem)
     if os.path.isdir(path):
         return _read_dataset_folder(path, split, split_flag)
     if split is not None:
@@ -26,8 +33,6 @@ def _read_parquet(path: str) -> list[tuple[str, object]]:
     import pyarrow
     import pyarrow.parquet
 
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such data file")
     try:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except (pyarrow.ArrowException, OSError) as e:
@@ -41,8 +46,7 @@ def _read_dataset_folder(path: str, split: str | None, split_flag: str) -> list[
     try:
         loaded = datasets.load_from_disk(path)
     except FileNotFoundError:
-        raise DataError(f"{path}: not a dataset folder (a folder must be saved by datasets' save_to_disk; "
-                        f"give a .jsonl, .json or .parquet file otherwise)") from None
+        raise DataError(f"{path}: {NOT_A_DATASET_FOLDER}") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = ", ".join(loaded)
         if split is None and len(loaded) > 1:
@@ -60,7 +64,25 @@ def _read_dataset_folder(path: str, split: str | None, split_flag: str) -> list[
 def _located_rows(where: str, rows: list[dict]) -> list[tuple[str, object]]:
     if not rows:
         raise DataError(f"{where}: the data holds no records")
-    return [(f"{where}[{i}]", from_columns(row)) for i, row in enumerate(rows)]
+    located = [(f"{where}[{i}]", from_columns(row)) for i, row in enumerate(rows)]
+    for place, record in located:
+        field = _non_finite_field(record, ())
+        if field is not None:
+            raise DataError(f"{place}: {field_path(field)}: the value is not a finite number (NaN or infinity); "
+                            f"replace it with a number or null")
+    return located
+
+
+def _non_finite_field(value, location: tuple) -> tuple | None:
+    """The path to the first NaN or infinite float (columnar files hold them as plain floats)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return location
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_field(item, (*location, key))
+        if found is not None:
+            return found
+    return None
 
 
 def from_columns(value):

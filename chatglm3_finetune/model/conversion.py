@@ -9,7 +9,7 @@ Conversion goes shard by shard: each input shard is read (memory-mapped), conver
 one output safetensors shard, so peak memory is about one shard. Every tensor converts on its own,
 so a layer whose tensors lie in different shards is fine.
 
-    convert_checkpoint("chatglm3-6b", "chatglm3-6b-glm", dtype="bfloat16")
+    convert_checkpoint("chatglm3-6b", "chatglm3-6b-glm")  # bfloat16 weights; dtype="float16" keeps the original's
     convert_ptuning("original-ptuning-checkpoint", "prefix", base_dir="chatglm3-6b-glm")  # P-Tuning v2 prefix
 """
 
@@ -143,9 +143,9 @@ def glm_config(original: dict, eos_token_ids: list[int], pad_token_id: int, dtyp
     return config
 
 
-def default_dtype(original: dict) -> torch.dtype:
-    name = str(original.get("torch_dtype") or original.get("dtype") or "float16").replace("torch.", "")
-    return DTYPES.get(name, torch.float16)
+# What training and inference load by default (Ampere or newer): a converted folder in this dtype loads
+# without a conversion pass. The original ChatGLM3-6B checkpoint is float16; `--dtype float16` keeps it exact.
+DEFAULT_DTYPE = torch.bfloat16
 
 
 # --- tensors --------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, dtype: str | torch.dtype
         if dtype not in DTYPES:
             raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    dtype = dtype or default_dtype(original)
+    dtype = dtype or DEFAULT_DTYPE
     tokenizer = load_tokenizer(input_dir)
     config = glm_config(original, tokenizer.stop_token_ids, tokenizer.pad_token_id, dtype)
     if len(tokenizer) > config.vocab_size:
@@ -347,5 +347,5 @@ def convert_ptuning(ptuning_dir: str, output_dir: str, base_dir: str | None = No
     return output_dir
 
 
-__all__ = ["convert_ptuning", "ConversionError", "DTYPES", "attention_shape", "check_convertible", "convert_checkpoint",
+__all__ = ["convert_ptuning", "ConversionError", "DEFAULT_DTYPE", "DTYPES", "attention_shape", "check_convertible", "convert_checkpoint",
            "convert_state", "convert_tensor", "glm_config", "list_shards"]

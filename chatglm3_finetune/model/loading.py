@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from .checkpoint_folders import is_original_chatglm
+from .stored_weights import cast_from_files, stored_dtype
 from ..compat import unpack_4bit_for_training
 
 logger = logging.getLogger(__name__)
@@ -26,14 +27,32 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded as asked, with what to do about it."""
 
 
-def resolve_dtype(name: str | None, frozen_base: bool, use_cpu: bool = False) -> torch.dtype:
+def resolve_dtype(name: str | None, frozen_base: bool, use_cpu: bool = False,
+                  deepspeed_dtype: torch.dtype | None = None) -> torch.dtype:
     """`auto`: a frozen base (P-Tuning, LoRA) in half precision on a GPU (bf16 where supported,
-    else fp16); trained weights and anything on the CPU in fp32."""
+    else fp16); trained weights in `deepspeed_dtype` when DeepSpeed trains them in half precision (its
+    engine casts them to it anyway, and ZeRO keeps the fp32 master copy in the optimizer's partitions);
+    otherwise trained weights, and anything on the CPU, in fp32."""
     if name and name != "auto":
         return DTYPES[name]
     if frozen_base and torch.cuda.is_available() and not use_cpu:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not frozen_base and deepspeed_dtype is not None:
+        return deepspeed_dtype
     return torch.float32
+
+
+def deepspeed_dtype(training_args) -> torch.dtype | None:
+    """bf16 or fp16 when --deepspeed trains in that precision (its config, "auto" values filled from
+    --bf16/--fp16), else None."""
+    config = getattr(training_args, "hf_deepspeed_config", None) if training_args.deepspeed else None
+    if config is None:
+        return None
+    if config.is_true("bf16.enabled") or config.is_true("bfloat16.enabled"):
+        return torch.bfloat16
+    if config.is_true("fp16.enabled"):
+        return torch.float16
+    return None
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
@@ -98,6 +117,10 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
             kwargs["device_map"] = device_map or default_device_map()
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    stored = stored_dtype(path) if quant is None and device_map in (None, "cpu") else None
+    cast = stored is not None and stored != dtype and not is_deepspeed_zero3_enabled()
+    if cast:  # load the stored dtype, memory-mapped, then cast one tensor at a time (stored_weights)
+        kwargs["dtype"] = stored
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (ImportError, RuntimeError, ValueError) as e:
@@ -105,6 +128,8 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
             raise ModelLoadError(f"{quantization_bit}-bit loading failed on this machine: {e}. Drop "
                                  f"--quantization_bit, or install a bitsandbytes build for this hardware") from None
         raise
+    if cast:
+        cast_from_files(model, path, stored, dtype)
     logger.info("Loaded %s (%s, %.1fM parameters, %s%s)", path, type(model).__name__,
                 sum(p.numel() for p in model.parameters()) / 1e6, dtype,
                 f", linear layers in {quantization_bit} bits" if quant is not None else "")
@@ -214,7 +239,8 @@ def add_lora(model, model_args, gradient_checkpointing: bool = False,
 def load_for_training(model_args, training_args):
     """The model finetune.py trains: full, P-Tuning v2 (prefix) or LoRA (adapters)."""
     method = model_args.tuning_method
-    dtype = resolve_dtype(model_args.torch_dtype, frozen_base=method != "full", use_cpu=training_args.use_cpu)
+    dtype = resolve_dtype(model_args.torch_dtype, frozen_base=method != "full", use_cpu=training_args.use_cpu,
+                          deepspeed_dtype=deepspeed_dtype(training_args))
     device_map = default_device_map(training_args.use_cpu, training=True) if model_args.quantization_bit else None
     model = load_base_model(model_args.model_name_or_path, dtype, model_args.trust_remote_code,
                             model_args.quantization_bit, model_args.attn_implementation, device_map=device_map)

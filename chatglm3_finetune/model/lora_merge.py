@@ -2,13 +2,14 @@
 """Merges a LoRA adapter into its base model and saves a plain model folder.
 
     python scripts/merge_lora.py --adapter output/lora --output models/merged \\
-        [--base models/chatglm3-6b] [--dtype bfloat16]
+        [--base models/chatglm3-6b] [--dtype bfloat16] [--max_shard_size 4GB]
 
 The output loads with `AutoModelForCausalLM.from_pretrained` (and serves with vLLM) without peft.
 --base defaults to the base folder the adapter names in its adapter_config.json. The tokenizer is
 copied from the adapter folder (finetune.py saves one there), else from the base. --dtype is the
 dtype of the saved weights (default: the base's own). An adapter trained on a 4/8-bit base merges
-into the full-precision base, as usual for QLoRA.
+into the full-precision base, as usual for QLoRA. The weights are written in safetensors shards of at
+most --max_shard_size (default 4GB: a merged ChatGLM3-6B in bf16 is 4 files) plus their index.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 
-from .loading import DTYPES
-
 from ..train.file_modes import respect_umask
-from .loading import peft_deprecations_silenced
+from .loading import DTYPES, load_base_model, peft_deprecations_silenced
 
 logger = logging.getLogger("merge_lora")
 
@@ -31,8 +31,25 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja")
 
 
+DEFAULT_MAX_SHARD_SIZE = "4GB"
+
+
 class MergeError(RuntimeError):
     """An adapter that cannot be merged as asked, with what to do about it."""
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_size_bytes(max_shard_size: str | int) -> int:
+    """--max_shard_size as bytes: a whole number of bytes or a size such as 500MB, 4GB or 2GiB."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", str(max_shard_size).strip())
+    unit = match.group(2).upper() if match else None
+    if unit not in SIZE_UNITS or int(float(match.group(1)) * SIZE_UNITS[unit]) < 1:
+        raise MergeError(f"--max_shard_size {max_shard_size!r} is not a size: give bytes or a number with a "
+                         f"unit, e.g. 500MB, 4GB or 2GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def read_adapter_config(adapter: str) -> dict:
@@ -70,15 +87,21 @@ def check_output(output: str, base: str, adapter: str) -> None:
         raise MergeError(f"--output {output} exists and is not empty: choose a new folder")
 
 
-def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = "auto") -> str:
-    """Loads base + adapter, merges the LoRA weights, saves the plain model and the tokenizer; returns output."""
+def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = "auto",
+               max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> str:
+    """Loads base + adapter, merges the LoRA weights, saves the plain model (safetensors shards of at
+    most `max_shard_size`, with an index when there are several) and the tokenizer; returns output."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    shard_bytes = shard_size_bytes(max_shard_size)
     adapter_config = read_adapter_config(adapter)
     base = resolve_base(base, adapter_config, adapter)
     check_output(output, base, adapter)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
+    if dtype in DTYPES:  # one copy in memory, whatever dtype the base is stored in
+        model = load_base_model(base, DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     try:
         with peft_deprecations_silenced():
             model = PeftModel.from_pretrained(model, adapter)
@@ -91,7 +114,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
                          f"{trained_on or 'another model'}: pass that folder as --base") from None
     merged = model.merge_and_unload()
     os.makedirs(output, exist_ok=True)
-    merged.save_pretrained(output)
+    merged.save_pretrained(output, max_shard_size=shard_bytes)
     respect_umask(output)
     tokenizer_source = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
     for name in TOKENIZER_FILES:
@@ -109,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base", help="base model folder (default: the one named in adapter_config.json)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the saved weights (default: the base model's)")
+    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help=f"largest weight file: bytes or a size such as 500MB or 2GB (default {DEFAULT_MAX_SHARD_SIZE}); "
+                             f"bigger models are split into several files plus model.safetensors.index.json")
     return parser.parse_args(argv)
 
 
@@ -117,7 +143,7 @@ def main(argv=None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        output = merge_lora(args.adapter, args.output, args.base, args.dtype)
+        output = merge_lora(args.adapter, args.output, args.base, args.dtype, args.max_shard_size)
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 from ..data.converters.advertise_gen import convert_advertise_gen
 from ..data.converters.tool_alpaca import convert_tool_alpaca
+from ..data.records import split_lines
 
 SAMPLE_DIR = ROOT / "data" / "sample"
 TOOL_ALPACA_SAMPLE = SAMPLE_DIR / "tool_alpaca_train.json"
@@ -68,8 +69,8 @@ def sample_texts(tool_alpaca_path: Path = TOOL_ALPACA_SAMPLE, advertise_gen_path
     """The texts of the bundled samples, as the demo feeds them to the model."""
     with open(tool_alpaca_path, encoding="utf-8") as f:
         texts = tool_alpaca_texts(json.load(f))
-    with open(advertise_gen_path, encoding="utf-8") as f:
-        texts += advertise_gen_texts(f.readlines())
+    with open(advertise_gen_path, encoding="utf-8", newline="") as f:
+        texts += advertise_gen_texts(split_lines(f.read()))
     return texts
 
 

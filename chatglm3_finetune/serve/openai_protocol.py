@@ -33,7 +33,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 
 from ..format.chat_format import Message, conversation_messages
 from ..format.chat_parsing import ToolCall, parse_assistant_reply
-from ..data.formats import FormatProblem, openai_record
+from ..data.formats import OPENAI_ROLES, FormatProblem, openai_record
+from ..did_you_mean import did_you_mean
 from ..data.records import json_type
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,13 @@ class ChatMessage(_Model):
     tool_call_id: StrictStr | None = None
     name: StrictStr | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role):
+        if isinstance(role, str) and role not in OPENAI_ROLES:
+            raise ValueError(f"{role!r} is not one of {', '.join(OPENAI_ROLES)}{did_you_mean(role, OPENAI_ROLES)}")
+        return role
+
     @model_validator(mode="before")
     @classmethod
     def _an_object(cls, message):
@@ -156,8 +164,8 @@ class ChatCompletionRequest(_Model):
     tool_choice: Literal["auto", "none"] | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: StrictFloat | None = Field(None, ge=0, le=2)
-    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -6,5 +6,5 @@
 - `divergence`: a non-finite loss or gradient stops the run before anything non-finite is saved;
 - `preemption`: SIGTERM/SIGINT save a checkpoint first; time-based saves;
 - `run_record`: what a rerun may change; `output_folder`: writable, with room; `file_modes`: umask;
-- `run_summary`: the summary a run ends with; `launch_workers`: torchrun for the launchers.
+- `run_summary`: the summary a run ends with; `launch_workers`: torchrun for the launchers;
 """

@@ -11,6 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..data.paths import data_source_problem
+from ..data.records import DataError
+
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "run_record.json"
@@ -28,7 +31,12 @@ class RunPlan:
 
 
 def data_digest(path: str) -> str:
-    """A content hash of a data file, or of every file (and its name) in a dataset folder."""
+    """A content hash of a data file, or of every file (and its name) in a dataset folder. The path
+    is checked first (a device or a named pipe would never finish hashing): DataError if it is not
+    a regular file or a dataset folder of regular files."""
+    problem = data_source_problem(path)
+    if problem:
+        raise DataError(problem)
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
     else:

@@ -89,6 +89,40 @@ def test_file_level_errors(tmp_path):
         assert message in str(e.value), (path, str(e.value))
 
 
+@pytest.mark.parametrize("role, hint", [("sytem", "system"), ("assitant", "assistant"), ("User", "user"),
+                                        ("OBSERVATION", "observation"), ("tools", "tool")])
+def test_a_misspelled_role_gets_a_did_you_mean(tmp_path, role, hint):
+    path = write(tmp_path, "data.jsonl", jsonl(GOOD, conv(U, {"role": role, "content": "x"}, A)))
+    with pytest.raises(DataError) as e:
+        validate_records(read_records(path), MULTI_TURN)
+    assert str(e.value) == (f"{path}:2: conversations[1].role: {role!r} is not one of system, user, assistant, tool, "
+                            f"interpreter, observation; did you mean {hint!r}?")
+
+
+def test_a_role_far_from_every_role_gets_no_guess(tmp_path):
+    path = write(tmp_path, "data.jsonl", jsonl(conv(U, {"role": "narrator", "content": "x"}, A)))
+    with pytest.raises(DataError) as e:
+        validate_records(read_records(path), MULTI_TURN)
+    assert str(e.value).endswith("'narrator' is not one of system, user, assistant, tool, interpreter, observation")
+
+
 def test_unknown_train_format(tmp_path):
     with pytest.raises(DataError, match="train_format 'chat' is not one of multi-turn, input-output"):
         validate_records(read_records(write(tmp_path, "d.jsonl", jsonl(GOOD))), "chat")
+
+
+@pytest.mark.parametrize("train_format, record, message", [
+    ("sharegpt", {"conversations": [{"from": "humna", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "conversations[0].from: 'humna' is not one of system, human, user, gpt, assistant, function_call, observation; "
+     "did you mean 'human'?"),
+    ("openai", {"messages": [{"role": "user", "content": "q"}, {"role": "Assistant", "content": "a"}]},
+     "messages[1].role: 'Assistant' is not one of system, developer, user, assistant, tool; did you mean "
+     "'assistant'?"),
+])
+def test_other_formats_suggest_their_own_roles(tmp_path, train_format, record, message):
+    from chatglm3_finetune.data.formats import load_data
+
+    path = write(tmp_path, "data.jsonl", jsonl(record))
+    with pytest.raises(DataError) as e:
+        load_data(path, train_format)
+    assert str(e.value) == f"{path}:1: {message}"

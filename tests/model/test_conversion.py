@@ -33,7 +33,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def converted_dir(original_dir, tmp_path_factory):
-    return convert_checkpoint(str(original_dir), str(tmp_path_factory.mktemp("converted") / "glm"))
+    """Converted in the original's float16, so the logits match the reference to 1e-4."""
+    return convert_checkpoint(str(original_dir), str(tmp_path_factory.mktemp("converted") / "glm"), dtype="float16")
 
 
 def original_state(original_dir) -> dict:
@@ -91,7 +92,26 @@ def test_fixture_splits_a_layer_across_shards(original_dir):
 def test_converted_bin_shards_reproduce_original_model(converted_dir, reference):
     assert_reproduces_reference(converted_dir, reference)
     with safe_open(os.path.join(converted_dir, "model-00001-of-00002.safetensors"), "pt") as f:
-        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16  # the checkpoint's torch_dtype
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16  # as asked: exactly the original's
+
+
+def test_the_cli_converts_to_bfloat16_by_default_and_says_so(original_dir, tmp_path, capsys):
+    """The original checkpoint is float16; training and inference load bfloat16, which a bfloat16
+    folder gives without a conversion pass (and --help says so)."""
+    with open(original_dir / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "float16"
+    assert run_cli("--input", str(original_dir), "--output", str(tmp_path / "glm")) == 0
+    dtypes = set()
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with safe_open(str(tmp_path / "glm" / shard), "pt") as f:
+            dtypes |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
+    with open(tmp_path / "glm" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        run_cli("--help")
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: bfloat16" in help_text and "original ChatGLM3-6B is float16" in help_text
 
 
 def test_converted_safetensors_shards_reproduce_original_model(original_dir, reference, tmp_path):

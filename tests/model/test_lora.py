@@ -192,6 +192,35 @@ def test_merged_model_gives_the_adapted_logits(tiny_model_dir, tmp_path):
     assert os.path.isfile(os.path.join(merged_dir, "tokenizer.model"))  # the adapter has none: from the base
 
 
+def test_merged_model_is_written_in_shards_that_load_with_the_same_logits(tiny_model_dir, tmp_path):
+    """--max_shard_size splits the weights into several safetensors files plus their index, which
+    AutoModelForCausalLM loads; the default (4GB) keeps a small model in one file."""
+    import re
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    merge_lora.main(["--adapter", str(adapter), "--base", tiny_model_dir, "--output", str(sharded),
+                     "--max_shard_size", "200KB"])
+    merge_lora.main(["--adapter", str(adapter), "--base", tiny_model_dir, "--output", str(single)])
+    shards = sorted(path.name for path in sharded.glob("*.safetensors"))
+    assert len(shards) >= 3, shards
+    assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", name) for name in shards), shards
+    assert all((sharded / name).stat().st_size <= 200_000 + 10_000 for name in shards)  # + the file's header
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert sorted(path.name for path in single.glob("*.safetensors")) == ["model.safetensors"]
+    from_shards = AutoModelForCausalLM.from_pretrained(str(sharded))
+    from_single = AutoModelForCausalLM.from_pretrained(str(single))
+    assert from_shards.state_dict().keys() == from_single.state_dict().keys()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 11, 64, 2]])
+    torch.testing.assert_close(logits_of(from_shards, ids), logits_of(from_single, ids), rtol=0, atol=0)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
+    torch.testing.assert_close(logits_of(from_shards, ids), logits_of(adapted, ids), rtol=0, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_merge_script_end_to_end(lora_run, tiny_model_dir, tmp_path, capsys):
     """The trained adapter (base read from adapter_config.json), saved in bf16; the tokenizer comes along."""
@@ -231,6 +260,8 @@ def test_merge_script_errors(tiny_model_dir, tmp_path, capsys):
          f"base model {tmp_path}: not a model folder (no config.json)"),
         (["--adapter", str(adapter), "--base", tiny_model_dir, "--output", str(adapter)],
          "is the base or adapter folder: choose a new folder"),
+        (["--adapter", str(adapter), "--base", tiny_model_dir, "--output", str(tmp_path / "o5"), "--max_shard_size",
+          "4 parsecs"], "--max_shard_size '4 parsecs' is not a size: give bytes or a number with a unit, e.g. 500MB"),
         (["--adapter", str(adapter), "--base", str(other_base), "--output", str(tmp_path / "o4")],
          f"adapter {adapter} does not fit base {other_base} (size mismatch for"),
     ]
@@ -242,7 +273,7 @@ def test_merge_script_errors(tiny_model_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
         assert err.startswith("error: ") and message in err, err
     assert "it was trained on " + tiny_model_dir in err
-    assert not (tmp_path / "o4").exists()
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
 
 
 def test_chat_engine_loads_the_adapter(tiny_model_dir, tmp_path):

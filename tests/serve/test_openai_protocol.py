@@ -11,7 +11,8 @@ from chatglm3_finetune.serve.openai_protocol import ProtocolError, openai_messag
 
 @pytest.mark.parametrize("messages,tools,param,fragment", [
     ([], None, "messages", "non-empty list"),
-    ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], None, "messages[1].role", "'user'"),
+    ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], None, "messages[1].role",
+     "'bot' is not one of system, developer, user, assistant, tool"),
     ([{"role": "assistant", "function_call": {"name": "f"}}], None, "messages[0]", "legacy"),
     ([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}], None,
      "messages[0].tool_calls[0].function.name", "required"),
@@ -96,3 +97,21 @@ def test_request_fields_and_defaults():
     with pytest.raises(ProtocolError) as error:
         parse_chat_request({"messages": [{"role": "user", "content": "x"}], "logprobs": True})
     assert error.value.param == "logprobs"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_values_are_refused_by_name(field, value):
+    """Decoded JSON normally holds no NaN (the server's reader refuses it), but a caller in Python can
+    pass one: it is "not a finite number", not "above the maximum"."""
+    with pytest.raises(ProtocolError) as error:
+        parse_chat_request({"messages": [{"role": "user", "content": "x"}], field: value})
+    assert (error.value.param, error.value.message) == (field, "Input should be a finite number")
+
+
+def test_a_misspelled_role_gets_a_did_you_mean():
+    with pytest.raises(ProtocolError) as error:
+        openai_messages_to_chatglm([{"role": "user", "content": "x"}, {"role": "assitant", "content": "y"}])
+    assert error.value.param == "messages[1].role"
+    assert error.value.message == ("'assitant' is not one of system, developer, user, assistant, tool; did you mean "
+                                   "'assistant'?")

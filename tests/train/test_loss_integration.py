@@ -5,6 +5,7 @@ from transformers import GlmForCausalLM
 
 from chatglm3_finetune.train.loss_switch import use_supervised_loss
 from chatglm3_finetune.data.packing import pack_features
+from chatglm3_finetune.model.packed_attention import use_packed_sdpa
 from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
 from chatglm3_finetune.data.collation import DataCollatorForChatGLM, PackedCollator
 from chatglm3_finetune.model.tiny_model import tiny_glm_config
@@ -55,7 +56,9 @@ def test_prefix_model_packed_batch_equals_unpacked():
     assert packed["input_ids"].shape[0] == 1  # all three records in one row
 
     def loss_and_grad(batch, supervised):
-        model = PrefixTuningModel(tiny_glm(), pre_seq_len=4, prefix_dropout=0.0)
+        base = tiny_glm()
+        base.set_attn_implementation(use_packed_sdpa())  # what --packing loads: attention per record
+        model = PrefixTuningModel(base, pre_seq_len=4, prefix_dropout=0.0)
         torch.manual_seed(1)
         torch.nn.init.normal_(model.prefix_encoder.embedding.weight)
         if supervised:

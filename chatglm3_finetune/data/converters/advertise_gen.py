@@ -16,7 +16,10 @@ import json
 import sys
 from typing import Iterable
 
+from ..records import split_lines
+from ..paths import file_problem
 from ..splitting import add_split_options, parse_split_or_exit, write_converted
+from ..strict_json import StrictJsonError, loads
 
 FIELDS = {"content": "prompt", "summary": "response"}
 
@@ -26,16 +29,20 @@ class AdvertiseGenError(ValueError):
 
 
 def convert_advertise_gen(lines: Iterable[str], source: str = "<input>") -> list[dict]:
-    """One {"prompt", "response"} row per non-blank line, in order; raises AdvertiseGenError on a bad line."""
+    """One {"prompt", "response"} row per non-blank line, in order; raises AdvertiseGenError on a bad line
+    (NaN, Infinity and a key given twice included). Give the lines as records.split_lines cuts them,
+    so that line numbers count newlines only."""
     rows = []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{source}:{line_number}"
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as error:
             raise AdvertiseGenError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except StrictJsonError as error:
+            raise AdvertiseGenError(f"{where}: {error}") from None
         if not isinstance(record, dict):
             raise AdvertiseGenError(f"{where}: expected a JSON object with \"content\" and \"summary\", "
                                     f"got {type(record).__name__}")
@@ -59,15 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split:
         parse_split_or_exit(parser, args.split)
+    problem = file_problem(args.path)
+    if problem:
+        print(f"error: --path {problem}", file=sys.stderr)
+        return 2
     try:
-        with open(args.path, encoding="utf-8") as f:
-            rows = convert_advertise_gen(f, source=args.path)
+        with open(args.path, encoding="utf-8", newline="") as f:
+            rows = convert_advertise_gen(split_lines(f.read()), source=args.path)
     except (OSError, UnicodeDecodeError) as error:
         print(f"error: cannot read {args.path}: {error}", file=sys.stderr)
-        return 1
+        return 2
     except AdvertiseGenError as error:
         print(f"error: {error}. Fix or remove that line and run again.", file=sys.stderr)
-        return 1
+        return 2
     for line in write_converted(parser, args, rows):
         print(f"{args.path}: {line}")
     return 0

@@ -18,7 +18,9 @@ import json
 import sys
 from collections import Counter
 
+from ..paths import file_problem
 from ..splitting import add_split_options, parse_split_or_exit, write_converted
+from ..strict_json import StrictJsonError, loads
 
 ERROR_INSTANCE = 'instance has "error"'
 NOT_AN_OBJECT = "instance is not a JSON object"
@@ -59,8 +61,8 @@ def convert_instance(tools: list[str], instance) -> dict:
             raise DamagedInstance(BAD_STEP)
         (name, params_json, thought_log), observation = step
         try:
-            parameters = json.loads(params_json)
-        except json.JSONDecodeError:
+            parameters = loads(params_json)
+        except (json.JSONDecodeError, StrictJsonError):  # NaN or a repeated key: not JSON training can use
             raise DamagedInstance(BAD_ACTION_INPUT) from None
         if not isinstance(parameters, dict):
             raise DamagedInstance(PARAMETERS_NOT_OBJECT)
@@ -128,20 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split:
         parse_split_or_exit(parser, args.split)
+    problem = file_problem(args.path)
+    if problem:
+        print(f"error: --path {problem}", file=sys.stderr)
+        return 2
     try:
-        with open(args.path, encoding="utf-8") as f:
-            records = json.load(f)
+        with open(args.path, encoding="utf-8", newline="") as f:
+            records = loads(f.read())
         rows, skipped = convert_tool_alpaca(records, source=args.path)
     except (OSError, UnicodeDecodeError) as error:
         print(f"error: cannot read {args.path}: {error}", file=sys.stderr)
-        return 1
+        return 2
     except json.JSONDecodeError as error:
         print(f"error: {args.path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno})",
               file=sys.stderr)
-        return 1
+        return 2
+    except StrictJsonError as error:
+        print(f"error: {args.path}: {error}", file=sys.stderr)
+        return 2
     except ToolAlpacaFileError as error:
         print(f"error: {error}. Is this ToolAlpaca train data (train_data.json)?", file=sys.stderr)
-        return 1
+        return 2
     print("\n".join(summary_lines(records, rows, skipped)))
     print("\n".join(write_converted(parser, args, rows)))
     return 0
