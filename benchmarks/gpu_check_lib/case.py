@@ -105,9 +105,10 @@ class Check:
                                                   self.time_limit, self.lock_for(case), say)
         return self.counted(case, finished), answer
 
-    def plan(self, case: cases.Case) -> int | None:
-        """The memory plan's peak for exactly this run: the launcher's own PLAN=1 (finetune.py --plan for
-        every process it would start) with --plan_json."""
+    def plan(self, case: cases.Case) -> dict | None:
+        """The memory plan of exactly this run, through the launcher's own PLAN=1 with --plan_json: the
+        step's tensors (what max_memory_allocated measures) and the total with the CUDA context,
+        workspaces and fragmentation."""
         path = self.work / "plans" / f"{case.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
@@ -116,7 +117,8 @@ class Check:
         if not finished.ok or not path.exists():
             say(f"  {case.name}: no plan ({finished.failure()})")
             return None
-        return json.loads(path.read_text()).get("peak_bytes")
+        plan = json.loads(path.read_text())
+        return {"tensors": plan.get("tensor_peak_bytes"), "total": plan.get("peak_bytes")}
 
     # ---- one case ----------------------------------------------------------------------------------
     def run_case(self, case: cases.Case, skip_reason: str | None):
@@ -137,7 +139,7 @@ class Check:
         # The plan needs no GPU and no weights: on a GPU it runs beside the training, on a CPU before it.
         plan = self.background.submit(self.plan, case) if self.plans and not self.mode.serialize_big else None
         if self.plans and plan is None:
-            row["planned_bytes"] = self.plan(case)
+            self.record_plan(row, self.plan(case))
         say(f"{case.name}: training {self.mode.steps} step(s)")
         first = self.launch(case, "train", output_dir, self.mode.steps)
         self.record_training(row, case, first, output_dir)
@@ -154,7 +156,7 @@ class Check:
 
         def complete() -> dict:
             if plan is not None:
-                row["planned_bytes"] = plan.result()
+                self.record_plan(row, plan.result())
             if inference is not None:
                 self.record_inference(row, inference.result())
             if server is not None:
@@ -167,6 +169,11 @@ class Check:
         """The row complete; the case's time leaves out its waits for the big-memory lock."""
         row["lock_wait_s"] = round(self.lock_waits.get(row["case"], 0.0), 1)
         return report.finish(row, time.monotonic() - started - row["lock_wait_s"])
+
+    @staticmethod
+    def record_plan(row: dict, plan: dict | None) -> None:
+        if plan:
+            row["planned_bytes"], row["planned_total_bytes"] = plan["tensors"], plan["total"]
 
     def record_peaks(self, row: dict, run: runs.Finished, training: bool = True) -> None:
         """peak_bytes: the training processes' peak (max_memory_allocated on a GPU, RSS on the CPU);

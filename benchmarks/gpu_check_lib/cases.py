@@ -101,7 +101,7 @@ def launcher_env(case: Case, mode: Mode, model_dir: str, data_path: str, output_
            "MAX_STEP": str(max_steps), "SAVE_INTERVAL": str(mode.steps), "LOGGING_STEPS": "1",
            "DEV_BATCH_SIZE": str(batch_size), "GRAD_ACCUMULARION_STEPS": "1", "SAVE_EVERY_MINUTES": "0",
            "NUM_GPUS": str(ranks_of(case, mode))}
-    if case.quantization_bit and case.method == "lora":
+    if case.quantization_bit:
         env["QUANTIZATION_BIT"] = str(case.quantization_bit)
     if case.deepspeed:  # the prompt/response records: a prompt of 3/4 of the row, the response the rest
         env.update(MAX_SOURCE_LEN=str(prompt_tokens(mode)), MAX_TARGET_LEN=str(mode.tokens - prompt_tokens(mode) - 1))
@@ -110,12 +110,7 @@ def launcher_env(case: Case, mode: Mode, model_dir: str, data_path: str, output_
 
 def launcher_args(case: Case, mode: Mode) -> list[str]:
     """finetune.py flags given after the launcher's name."""
-    args = list(case.args)
-    if not case.deepspeed:
-        args += mode.frozen_base_args
-    if case.quantization_bit and case.method == "ptuning":
-        args += ["--quantization_bit", str(case.quantization_bit)]
-    return args
+    return list(case.args) + (list(mode.frozen_base_args) if not case.deepspeed else [])
 
 
 def reference_case(case: Case) -> Case:

@@ -17,7 +17,7 @@ PACKED_LOSS_TOLERANCE = {"gpu": 0.02, "cpu": 0.02, "dry": 1e-4}
 
 def new_row(case: str, method: str, shape: str, attention: str, tokens: int) -> dict:
     return {"case": case, "status": "ok", "reason": "", "method": method, "model": shape, "attention": attention,
-            "tokens_per_step": tokens, "peak_bytes": None, "peak_rss_bytes": None, "planned_bytes": None,
+            "tokens_per_step": tokens, "peak_bytes": None, "peak_rss_bytes": None, "planned_bytes": None, "planned_total_bytes": None,
             "saved": False, "resumed": False, "inference": False, "server": None, "step_s": None,
             "tokens_per_s": None, "mfu": None, "losses": {}, "trainable_parameters": None, "checkpoint_bytes": None,
             "checkpoint_limit_bytes": None, "seconds": None, "problems": []}
