@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="folder with the real ChatGLM3 tokenizer.model and tokenizer_config.json "
                                             "(default ../shared/data/chatglm3-tokenizer or .gpu_check/tokenizer)")
     parser.add_argument("--budget", type=float, help="seconds for the whole check; cases that would start later "
-                                                     "are skipped (default 500 on a GPU, none elsewhere)")
+                                                     "are skipped (default 450 on a GPU, none elsewhere)")
     parser.add_argument("--jobs", type=int, help="inference and server runs going on beside the next case's "
                                                  "training (default 2; 1 with --cpu, where one 6B model fits)")
     return parser.parse_args(argv)

@@ -9,7 +9,7 @@
 # the memory plan's figure next to it where finetune.py has --plan_json, step time, tokens/s, MFU);
 # exits 1 when a case failed. docs/gpu-check.md explains the table and holds the last results.
 #
-#   bash benchmarks/gpu_check.sh                    # on a GPU machine, from anywhere (about 8 minutes on one H100)
+#   bash benchmarks/gpu_check.sh                    # on a GPU machine; cases that would start after 450 s are skipped
 #   bash benchmarks/gpu_check.sh --cpu              # the 6B rehearsal on this CPU (~30 min, < 24 GiB)
 #   bash benchmarks/gpu_check.sh --dry              # tiny shapes, every case's code path (the test suite)
 #   bash benchmarks/gpu_check.sh --cases ptuning lora --json out.json
@@ -20,11 +20,13 @@
 #   wheels/  transformers 5.24.0, peft 0.21.2, datasets 5.2.0 + dill + multiprocess, deepspeed 0.19.8
 #            built without ops + hjson + pydantic 2.14.4 + pydantic-core + annotated-types +
 #            typing-inspection, bitsandbytes 0.50.2 with only its CUDA 13.0 and CPU kernels, fastapi +
-#            starlette + uvicorn + opentelemetry-api (the server) - about 22 MB, the sizes printed
+#            starlette + uvicorn + opentelemetry-api (the server): 23.2 MB, each size printed
 #   tokenizer/  the real ChatGLM3 tokenizer.model and tokenizer_config.json (1 MB)
 # then: run(command="bash benchmarks/gpu_check.sh --json $OUT/gpu_check.json", carry=[".gpu_check"],
-# timeout_s=590). This script installs the wheels offline into /tmp/gpu_check_site with --no-deps,
-# keeping the machine's own CUDA torch; the table starts with the versions found.
+# timeout_s=590), and for cases skipped for time, at once (the warm machine keeps the models):
+# run(command="bash benchmarks/gpu_check.sh --cases NAME... --json $OUT/gpu_check.json", carry=[".gpu_check"]).
+# This script installs the wheels offline into /tmp/gpu_check_site with --no-deps, keeping the
+# machine's own CUDA torch; the output starts with the versions found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then

@@ -149,7 +149,7 @@ def run_check(args) -> int:
         raise SystemExit("error: no GPU visible here: run with --cpu (the 6B rehearsal) or --dry (tiny shapes)")
     tokenizer_dir = find_tokenizer(args.tokenizer)
     work = Path(args.work or f"/tmp/gpu_check-{mode.name}").resolve()
-    budget = args.budget if args.budget is not None else (500 if mode.name == "gpu" else None)
+    budget = args.budget if args.budget is not None else (450 if mode.name == "gpu" else None)
     started = time.monotonic()
     selected = [case for case in cases.CASES if not args.cases or case.name in args.cases]
 
