@@ -8,12 +8,14 @@ second with a message that says what to do.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from chatglm3_finetune.data import strict_json
@@ -24,7 +26,7 @@ from chatglm3_finetune.data.encoding import TRUNCATION_POLICIES, length_cap_prob
 from chatglm3_finetune.data.records import TRAIN_FORMATS
 from chatglm3_finetune.data.splitting import SplitError, check_val_size
 from chatglm3_finetune.data.training_data import caps_to_check, length_limits, max_sequence_length
-from chatglm3_finetune.model.loading import DTYPES
+from chatglm3_finetune.model.loading import DTYPES, deepspeed_dtype, resolve_dtype
 
 from chatglm3_finetune.train.supervised_loss import DEFAULT_CHUNK_SIZE
 TORCH_DTYPES = ("auto", *DTYPES)
@@ -135,6 +137,9 @@ class TrainingArguments(Seq2SeqTrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start over: remove the previous run's checkpoints and records from --output_dir instead of "
                 "resuming from them"})
+    allow_output_near_inputs: bool = field(default=False, metadata={
+        "help": "accept an --output_dir that is, contains or sits inside the model, tokenizer or data (refused by "
+                "default: a run could overwrite its own inputs)"})
     nan_patience: int = field(default=0, metadata={
         "help": "skip up to N optimizer steps in a row with a non-finite loss or gradient norm before stopping "
                 "as diverged (default 0: stop at the first; not with DeepSpeed or fp16)"})
@@ -379,6 +384,8 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         raise OptionError("--packing with flash_attention_2 cannot show the P-Tuning prefix to every record (its "
                           "variable-length kernel takes no shared keys): drop --attn_implementation (packing then "
                           "uses packed_sdpa, which does)")
+    check_flash_attention(model_args, data_args, training_args)
+    check_quantization_with_deepspeed(model_args, training_args)
     if data_args.packing_row_length is not None and data_args.packing_row_length < 3:
         raise OptionError(f"--packing_row_length must be at least 3 tokens, got {data_args.packing_row_length}")
     if data_args.loss_chunk_size < 1:
@@ -390,6 +397,37 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         check_fits_model_context(model_args, data_args)
     check_safety_options(training_args)
     check_plan_options(training_args)
+
+
+def check_flash_attention(model_args, data_args, training_args) -> None:
+    """--attn_implementation flash_attention_2 needs the flash-attn package, no P-Tuning prefix, and
+    bf16/fp16 compute (weights loaded in half precision, or --bf16/--fp16: autocast)."""
+    if model_args.attn_implementation != "flash_attention_2":
+        return
+    other = ("drop --attn_implementation (--packing then attends per record with packed_sdpa)" if data_args.packing
+             else "use --attn_implementation sdpa (the default)")
+    if model_args.tuning_method == "ptuning":
+        raise OptionError("--attn_implementation flash_attention_2 is not supported with P-Tuning v2: the prefix reaches "
+                          "attention as cached keys ahead of the queries, which this toolkit checks against the reference "
+                          f"computation with sdpa and eager only; {other}, or train LoRA with flash_attention_2")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise OptionError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not installed: "
+                          f"pip install flash-attn (on a machine with CUDA), or {other}")
+    weights = resolve_dtype(model_args.torch_dtype, frozen_base=model_args.tuning_method != "full",
+                            use_cpu=training_args.use_cpu, deepspeed_dtype=deepspeed_dtype(training_args))
+    if weights == torch.float32 and not (training_args.bf16 or training_args.fp16):
+        raise OptionError("--attn_implementation flash_attention_2 computes in bf16 or fp16 only, and this run computes "
+                          f"in fp32: add --bf16 (or --fp16; the launchers: PRECISION=bf16), or {other}")
+
+
+def check_quantization_with_deepspeed(model_args, training_args) -> None:
+    """ZeRO-3 partitions 4-bit weights (packed in the compute dtype), but bitsandbytes' 8-bit layers keep
+    a whole copy of their weights outside the parameter ZeRO-3 partitions."""
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if model_args.quantization_bit == 8 and config is not None and config.is_zero3():
+        raise OptionError("--quantization_bit 8 with DeepSpeed ZeRO-3 is refused: bitsandbytes' 8-bit layers keep a whole "
+                          "copy of their weights beside the parameters ZeRO-3 partitions, so every rank would hold the "
+                          "whole base; use ZeRO-2 (configs/ds_zero2.json), or --quantization_bit 4, which ZeRO-3 partitions")
 
 
 def _check_val_size(data_args) -> None:

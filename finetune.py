@@ -8,12 +8,13 @@
 
 Rerunning the same command into the same --output_dir continues from its newest complete
 checkpoint; --resume_from_checkpoint PATH names one. Exit codes: 0 done, 2 a user mistake, 3 the run
-diverged, 4 a checkpoint could not be written, 75 stopped by SIGTERM/SIGINT with a checkpoint.
+diverged, 4 a checkpoint or the final model could not be written, 75 stopped by SIGTERM/SIGINT with a
+checkpoint (or after the final save).
+One run at a time per --output_dir (output_dir/run.lock).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -30,13 +31,16 @@ from chatglm3_finetune.data.collation import build_collator  # noqa: E402
 from chatglm3_finetune.train.divergence import DIVERGED_EXIT_CODE, TrainingDiverged  # noqa: E402
 from chatglm3_finetune.data.encoding import print_sanity_check  # noqa: E402
 from chatglm3_finetune.model.loading import ModelLoadError, load_for_training  # noqa: E402
+from chatglm3_finetune.train.checkpoints import read_trainer_state  # noqa: E402
 from chatglm3_finetune.train.output_folder import (WRITE_FAILED_EXIT_CODE, CheckpointWriteError,  # noqa: E402
-                                             check_writable, start_over)
+                                                   CreatedFolder)
 from chatglm3_finetune.train.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
+from chatglm3_finetune.train.run_lock import RunLock  # noqa: E402
+from chatglm3_finetune.train.run_start import decide_start, schedule, shared_from_main  # noqa: E402
 from chatglm3_finetune.compat import UntestedVersionError, check_versions  # noqa: E402
 from chatglm3_finetune.model.packed_attention import packing_attention  # noqa: E402
 from chatglm3_finetune.data.records import DataError  # noqa: E402
-from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, plan_run, trained_settings  # noqa: E402
+from chatglm3_finetune.train.run_record import mark_finished  # noqa: E402
 from chatglm3_finetune.train.loss_switch import use_supervised_loss  # noqa: E402
 from chatglm3_finetune.format.tokenizer import load_tokenizer  # noqa: E402
 from chatglm3_finetune.train.run_summary import summary_lines  # noqa: E402
@@ -53,66 +57,76 @@ def fail(message: str, exit_code: int = 2) -> None:
     sys.exit(exit_code)
 
 
+class HubReminderFilter(logging.Filter):
+    """Drops the Trainer's "share your model on the Hub" line (this toolkit works offline)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "share your model" not in record.getMessage()
+
+
 def setup_logging(training_args) -> None:
+    """INFO from this toolkit and from the Trainer's run and metric reports; warnings only from the rest
+    of transformers (its config dumps and file-by-file loading notes would bury the run summary)."""
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)
-    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    for name in ("transformers.trainer", "transformers.trainer_pt_utils"):
+        logging.getLogger(name).setLevel(level)
+    trainer_logger = logging.getLogger("transformers.trainer")
+    if not any(isinstance(f, HubReminderFilter) for f in trainer_logger.filters):
+        trainer_logger.addFilter(HubReminderFilter())
     transformers.utils.logging.enable_explicit_format()
 
 
-def checkpoint_step(path: str) -> int:
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)["global_step"]
-
-
-def resume_checkpoint(training_args) -> str | None:
-    from trainer import find_resume_checkpoint, is_complete_checkpoint
-
-    if training_args.resume_from_checkpoint:
-        path = training_args.resume_from_checkpoint
-        if not is_complete_checkpoint(path):
-            fail(f"--resume_from_checkpoint {path}: not a complete checkpoint folder (no readable "
-                 f"trainer_state.json and weights)")
-        return path
-    found = find_resume_checkpoint(training_args.output_dir)
-    if found:
-        logger.info("Resuming from %s (the newest complete checkpoint in %s)", found, training_args.output_dir)
-    return found
-
-
-def schedule(training_args) -> dict:
-    return {"max_steps": training_args.max_steps, "num_train_epochs": training_args.num_train_epochs}
-
-
-def prepare_output_dir(model_args, data_args, training_args) -> str | None:
-    """Before anything loads: the folder is writable, a rerun would not mix two runs (a finished one
-    exits here), and the checkpoint to resume from."""
+def prepare_output_dir(model_args, data_args, training_args, lock: RunLock):
+    """Before anything loads: the main process decides (decide_start) and every rank follows; a refusal,
+    a finished run and a run that only lacks its final model end the process here. Returns the
+    checkpoint to resume from and the run plan (on the main process only)."""
+    main = training_args.process_index == 0
+    start, run_plan = decide_start(model_args, data_args, training_args, lock) if main else (None, None)
+    start = shared_from_main(start, training_args)
+    if start.error:
+        if main:
+            fail(start.error)
+        sys.exit(2)
     output_dir = training_args.output_dir
-    if training_args.should_save:
-        problem = check_writable(output_dir)
-        if problem:
-            fail(problem)
-    if not training_args.do_train:
-        return None
-    fresh = training_args.overwrite_output_dir
-    if fresh and training_args.should_save:
-        start_over(output_dir)
-    resume_from = None if fresh else resume_checkpoint(training_args)
-    step = checkpoint_step(resume_from) if resume_from else None
-    try:
-        plan = plan_run(output_dir, trained_settings(model_args, data_args, training_args), schedule(training_args),
-                        step, write=training_args.should_save, start_over=fresh)
-    except (ResumeRefused, DataError) as e:
-        fail(str(e))
-    if plan.finished:
-        if training_args.process_index == 0:
+    if start.finished:
+        if main:
             print(f"The run in {output_dir} already finished with these settings: nothing to do (use "
                   f"--overwrite_output_dir to train it again, or a larger --max_steps to continue it)", flush=True)
         sys.exit(0)
-    for note in plan.notes:
-        logger.warning("Schedule change on resume: %s", note)
-    return resume_from
+    if start.finish_from:
+        if main:
+            finish_from_checkpoint(start.finish_from, run_plan, model_args, training_args)
+        sys.exit(0)
+    return start.resume_from, run_plan
+
+
+def finish_from_checkpoint(checkpoint: str, run_plan, model_args, training_args) -> None:
+    """The run trained its last step and saved it in `checkpoint`, but its final model is missing or
+    incomplete (the final save was cut short): the final model is the checkpoint's."""
+    from chatglm3_finetune.train import final_model
+    from chatglm3_finetune.train.output_folder import final_write_failed
+    from chatglm3_finetune.train.run_summary import inference_command
+    from trainer import RUN_TOTALS, plot_loss_curve
+
+    output_dir = training_args.output_dir
+    state = read_trainer_state(checkpoint)
+    try:
+        final_model.finish_from_checkpoint(checkpoint, output_dir, state["global_step"])
+    except OSError as e:
+        fail(str(final_write_failed(output_dir, state["global_step"], e)), WRITE_FAILED_EXIT_CODE)
+    run_plan.save_start(output_dir)
+    final_model.write_results(output_dir, "train", {**final_model.run_totals_metrics(state, RUN_TOTALS),
+                                                    "finished_from_checkpoint": checkpoint})
+    mark_finished(output_dir, state["global_step"], schedule(training_args))
+    plot_loss_curve(state["log_history"], os.path.join(output_dir, "loss_curve.png"))
+    skipped = " (evaluation and prediction were not run)" if training_args.do_eval or training_args.do_predict else ""
+    print(f"The run in {output_dir} had trained all {state['global_step']} steps, but its final model was missing or "
+          f"incomplete (its final save was cut short): wrote it from {checkpoint}{skipped}. Done.\n"
+          f"chat with it: {inference_command(model_args.tuning_method, output_dir, model_args.model_name_or_path)}",
+          flush=True)
 
 
 def train_to_the_end(trainer, resume_from: str | None):
@@ -140,6 +154,29 @@ def train_to_the_end(trainer, resume_from: str | None):
     return result
 
 
+def stop_after_the_final_save(trainer) -> None:
+    """A stop request that came after the last step: the final model is complete and the run marked
+    finished, so a rerun has nothing left to do; what would come next (evaluation) is skipped."""
+    finish_distributed()
+    if trainer.is_world_process_zero():
+        args = trainer.args
+        skipped = "; the evaluation asked for was skipped" if args.do_eval or args.do_predict else ""
+        print(f"Stopped on request after the final save: training finished at step {trainer.state.global_step} and "
+              f"the final model in {args.output_dir} is complete{skipped}. Rerunning the same command has nothing "
+              f"left to do", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def evaluated_at_the_last_step(trainer) -> dict | None:
+    """The metrics of the evaluation that --eval_strategy already ran at the step training ended on
+    (the same model and data: evaluating again would only repeat it)."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {key: value for key, value in entry.items() if key != "step"}
+    return None
+
+
 def main(argv: list[str] | None = None, plan: bool = False) -> None:
     started = time.monotonic()
     try:
@@ -156,7 +193,18 @@ def main(argv: list[str] | None = None, plan: bool = False) -> None:
     set_seed(training_args.seed)
     if training_args.do_train:  # a GPU run too big for its GPU stops here, before anything loads or is written
         check_memory_plan(model_args, data_args, training_args)
-    resume_from = prepare_output_dir(model_args, data_args, training_args)
+    lock = RunLock(training_args.output_dir)
+    created = CreatedFolder(training_args.output_dir)
+    try:
+        run(model_args, data_args, training_args, lock, started)
+    finally:
+        lock.release()
+        if training_args.process_index == 0:
+            created.remove_if_empty()  # quietly: a failed try's error stays its last line
+
+
+def run(model_args, data_args, training_args, lock: RunLock, started: float) -> None:
+    resume_from, run_plan = prepare_output_dir(model_args, data_args, training_args, lock)
 
     try:
         tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
@@ -211,25 +259,33 @@ def main(argv: list[str] | None = None, plan: bool = False) -> None:
         processing_class=tokenizer, compute_metrics=generation.compute_metrics if generating else None,
         max_new_tokens=data_args.max_target_length,
     )
+    if run_plan is not None:
+        run_plan.save_start(training_args.output_dir)  # training starts now: the record gets this start
     if training_args.should_save:
         write_run_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
 
     results, trained = {}, None
     if training_args.do_train:
-        result = train_to_the_end(trainer, resume_from)
-        trained = {"steps": trainer.state.global_step, "supervised_tokens": trainer.supervised_tokens_trained()}
-        metrics = dict(result.metrics, train_records=splits["train"][1].kept,
-                       **trainer.token_metrics(result.metrics["train_runtime"]))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        if training_args.should_save:
-            mark_finished(training_args.output_dir, trainer.state.global_step, schedule(training_args))
-            curve = plot_loss_curve(trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png"))
-            if curve:
-                logger.info("Loss curve: %s", curve)
+        try:
+            result = train_to_the_end(trainer, resume_from)
+            trained = {"steps": trainer.state.global_step, "supervised_tokens": trainer.supervised_tokens_trained()}
+            metrics = dict(result.metrics, train_records=splits["train"][1].kept,
+                           **trainer.token_metrics(result.metrics["train_runtime"]))
+            trainer.log_metrics("train", metrics)
+            trainer.save_metrics("train", metrics)
+            trainer.save_state()
+            if training_args.should_save:
+                mark_finished(training_args.output_dir, trainer.state.global_step, schedule(training_args))
+                curve = plot_loss_curve(trainer.state.log_history,
+                                        os.path.join(training_args.output_dir, "loss_curve.png"))
+                if curve:
+                    logger.info("Loss curve: %s", curve)
+            if trainer.preemption.stop_requested(training_args.device):
+                stop_after_the_final_save(trainer)
+        finally:
+            trainer.preemption.release()
     if training_args.do_eval:
-        metrics = results["eval"] = trainer.evaluate()
+        metrics = results["eval"] = evaluated_at_the_last_step(trainer) or trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if training_args.do_predict:

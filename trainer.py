@@ -2,7 +2,8 @@
 whole model for full fine-tuning (never non-finite weights), counts real and supervised tokens on the
 device (read at log and save time), keeps run totals
 across resumes, runs the divergence guard and the stop-and-save handler, writes run_config.json and
-a loss curve, and finds the checkpoint to resume from.
+a loss curve. Checkpoints and the final model are complete only with their manifest (written last;
+the final model aside, then moved into place: chatglm3_finetune.train.final_model).
 """
 
 from __future__ import annotations
@@ -12,34 +13,34 @@ import dataclasses
 import json
 import logging
 import os
-import re
+import shutil
 
 import torch
 from transformers import Seq2SeqTrainer
 from transformers.trainer_pt_utils import nested_gather
 
-from chatglm3_finetune.model.checkpoint_folders import holds_weights
+from chatglm3_finetune.train import final_model
+from chatglm3_finetune.train.checkpoints import choose_checkpoint, rotate
 from chatglm3_finetune.train.divergence import DivergenceGuard, TrainingDiverged, first_non_finite_parameter
 from chatglm3_finetune.train.file_modes import respect_umask
-from chatglm3_finetune.train.output_folder import write_failed
+from chatglm3_finetune.train.manifest import write_manifest
+from chatglm3_finetune.train.output_folder import WRITE_ERRORS, final_write_failed, write_failed
 from chatglm3_finetune.train.preemption import PreemptionSaver
 from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
-from chatglm3_finetune.compat import (declare_causal_label_shift, require_trainer_hooks,
-                                           trainer_generation_kwargs, trainer_prepare_inputs,
-                                           training_args_file_name)
+from chatglm3_finetune.compat import (declare_causal_label_shift, deepspeed_saves_trained_parameters_only,
+                                      require_trainer_hooks, set_deepspeed_master_weights, trainer_generation_kwargs,
+                                      trainer_prepare_inputs, training_args_file_name)
 from chatglm3_finetune.train.token_counts import input_tokens, supervised_tokens
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-
 
 RUN_TOTALS = "run_totals"  # key in the trainer state's stateful_callbacks: totals that survive resumes
 
 
 class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoint", "_get_grad_norm", "_save_checkpoint",
                                           "_load_callback_state", "_load_optimizer_and_scheduler",
-                                          "_track_num_input_tokens")):
+                                          "_track_num_input_tokens", "_save_optimizer_and_scheduler",
+                                          "_prepare_for_training")):
     """The loss contract: models declare `accepts_loss_kwargs` (loss_switch.SupervisedLossSwitch)
     and every model kind's targets are counted with the causal label shift, here and in the
     Trainer's `num_items_in_batch` (`count_targets`)."""
@@ -197,28 +198,53 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
                 f"(--learning_rate {self.args.learning_rate}): lower it")
 
     def _save_checkpoint(self, model, trial) -> None:
+        """As the Trainer's, plus the manifest, written once every rank's files are: only then is the
+        checkpoint complete, and only then are older ones rotated out (--save_total_limit)."""
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         self._check_finite_before_saving(path)
         self._store_run_totals()
+        limit = self.args.save_total_limit
         try:
+            if self.args.should_save and os.path.isdir(path):
+                shutil.rmtree(path)  # a save of this step that an earlier session did not complete
+            self.accelerator.wait_for_everyone()
+            self.args.save_total_limit = None  # rotated below, once this one is complete
             super()._save_checkpoint(model, trial)
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_manifest(path, self.state.global_step)
+        except WRITE_ERRORS as e:
             raise write_failed(path, e) from e
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate(self.args.output_dir, limit, keep=(path, self.state.best_model_checkpoint))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves what was trained (every checkpoint too), with the permissions the umask gives; never
-        non-finite weights (checkpoints are checked, and their write errors reported, in _save_checkpoint)."""
-        output_dir = output_dir or self.args.output_dir
-        if not _internal_call:
-            self._check_finite_before_saving(output_dir)
-        try:
+        non-finite weights (checkpoints are checked, and their write errors reported, in _save_checkpoint).
+        The final model is written aside and moved into place with its manifest (final_model.publish)."""
+        if _internal_call:
             self._save_trained(output_dir, _internal_call)
-        except (OSError, RuntimeError) as e:
-            if _internal_call:
-                raise
-            raise write_failed(output_dir, e) from e
-        if self.args.should_save and os.path.isdir(output_dir):
-            respect_umask(output_dir)
+            if self.args.should_save and os.path.isdir(output_dir):
+                respect_umask(output_dir)
+            return
+        output_dir = output_dir or self.args.output_dir
+        self._check_finite_before_saving(output_dir)
+        try:
+            if self.args.should_save:
+                final_model.prepare_aside(output_dir)
+            self.accelerator.wait_for_everyone()
+            self._save_trained(final_model.aside_folder(output_dir), False)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                names = final_model.publish(output_dir, self.state.global_step)
+                logger.info("Saved the final model to %s (%d files, and their manifest)", output_dir, len(names))
+        except WRITE_ERRORS as e:
+            if self.args.should_save:
+                final_model.discard_aside(output_dir)  # frees the space a full disk needs back
+            raise final_write_failed(output_dir, self.state.global_step, e) from e
+        self.accelerator.wait_for_everyone()
 
     def _save_trained(self, output_dir: str, _internal_call: bool) -> None:
         model = self._unwrapped()
@@ -230,6 +256,34 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, training_args_file_name()))
+
+    # ---- DeepSpeed checkpoints of a frozen base (P-Tuning, LoRA) -------------------------------------
+
+    def _frozen_base_under_deepspeed(self) -> bool:
+        from peft import PeftModel
+
+        return self.is_deepspeed_enabled and isinstance(self._unwrapped(), (PrefixTuningModel, PeftModel))
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """DeepSpeed checkpoints of P-Tuning and LoRA hold what trains and its optimizer state, not the base
+        (transformers leaves frozen parameters out for peft models only, and neither leaves out a 4/8-bit
+        base's quantization constants). Resuming loads the base from the model folder."""
+        if not self._frozen_base_under_deepspeed():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        with deepspeed_saves_trained_parameters_only(self.model_wrapped):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """A new P-Tuning run under DeepSpeed fp16/bf16 ZeRO-1/2 starts from the prefix's exact fp32 values:
+        DeepSpeed would make its fp32 master copy from the half-precision one it casts the module to."""
+        model = self._unwrapped()
+        prefix = None
+        if self.is_deepspeed_enabled and isinstance(model, PrefixTuningModel) and not resume_from_checkpoint:
+            prefix = model.prefix_state_dict()
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if prefix is not None:
+            set_deepspeed_master_weights(model.prefix_encoder, prefix)
+        return prepared
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -255,32 +309,17 @@ class ChatGLMTrainer(require_trainer_hooks(Seq2SeqTrainer, "_load_from_checkpoin
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
-# ---- resuming -----------------------------------------------------------------------------------
-
-def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint folder whose trainer state (written last) is readable and that holds weights."""
-    state_file = os.path.join(path, "trainer_state.json")
-    try:
-        with open(state_file) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return holds_weights(path)
-
+# ---- resuming ----------------------------------------------------------------------------------
 
 def find_resume_checkpoint(output_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` in output_dir; partial ones are skipped with a warning."""
-    if not os.path.isdir(output_dir):
+    """The newest complete checkpoint in output_dir (its manifest matches its files), or None."""
+    from chatglm3_finetune.train.checkpoints import NoGoodCheckpoint
+    from chatglm3_finetune.train.run_record import legacy_checkpoints_up_to
+
+    try:
+        return choose_checkpoint(output_dir, legacy_checkpoints_up_to(output_dir)).path
+    except NoGoodCheckpoint:
         return None
-    steps = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
-                    if (m := CHECKPOINT_PATTERN.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
-                   reverse=True)
-    for _, name in steps:
-        path = os.path.join(output_dir, name)
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("Ignoring the incomplete checkpoint %s (interrupted while saving)", path)
-    return None
 
 
 # ---- run records --------------------------------------------------------------------------------

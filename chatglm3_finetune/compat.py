@@ -1,4 +1,5 @@
-"""Every use of a private transformers / torch / bitsandbytes API, behind a check of the installed versions.
+"""Every use of a private transformers / torch / bitsandbytes / DeepSpeed API, behind a check of the
+installed versions.
 
 These internals change without notice between releases, and a changed one rarely fails: it
 silently computes something else (a prefix dropped under gradient checkpointing, a label count
@@ -9,6 +10,7 @@ this toolkit was tested with (`TESTED_VERSIONS`) and raises `UntestedVersionErro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import inspect
@@ -21,7 +23,7 @@ from packaging.version import Version
 logger = logging.getLogger(__name__)
 
 # major.minor of every library whose internals are used below, as pinned in requirements.txt
-TESTED_VERSIONS = {"transformers": "5.24", "torch": "2.13", "bitsandbytes": "0.50", "peft": "0.21"}
+TESTED_VERSIONS = {"transformers": "5.24", "torch": "2.13", "bitsandbytes": "0.50", "peft": "0.21", "deepspeed": "0.19"}
 ALLOW_UNTESTED_ENV = "CHATGLM3_FT_ALLOW_UNTESTED"
 
 
@@ -203,8 +205,68 @@ def zero3_partitioned(parameters) -> bool:
     return any(hasattr(param, "ds_id") for param in parameters)
 
 
+def _trained_by_deepspeed(params: list[torch.nn.Parameter]) -> bool:
+    """Whether a DeepSpeed optimizer holds fp32 master weights for all these parameters."""
+    return bool(params) and all(hasattr(param, "_z3_optimizer") or hasattr(param, "_hp_mapping") for param in params)
+
+
+def deepspeed_master_weights(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full fp32 weights DeepSpeed's optimizer trains for `module`'s parameters, or None when no
+    DeepSpeed optimizer trains them. Under fp16/bf16 the module's own parameters are only their
+    rounding (ZeRO-1/2 cast every parameter). Every rank must call it (it gathers the parts)."""
+    params = dict(module.named_parameters())
+    if not _trained_by_deepspeed(list(params.values())):
+        return None
+    check_version("deepspeed")
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(param) for name, param in params.items()}
+
+
+def set_deepspeed_master_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Sets the fp32 weights DeepSpeed's optimizer trains for `module` (each rank its own part);
+    False, and nothing set, when no DeepSpeed optimizer trains them."""
+    params = dict(module.named_parameters())
+    if not _trained_by_deepspeed(list(params.values())):
+        return False
+    check_version("deepspeed")
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in params.items():
+        safe_set_full_fp32_param(param, state[name].to(param.device, torch.float32))
+    return True
+
+
+@_uses("deepspeed")
+@contextlib.contextmanager
+def deepspeed_saves_trained_parameters_only(engine):
+    """While active, the DeepSpeed checkpoints `engine.save_checkpoint` writes hold the trained
+    parameters and their optimizer state, nothing of the frozen base: no frozen parameter (DeepSpeed's
+    `exclude_frozen_parameters`) and no buffer or quantization constant of the module state (which
+    that option keeps). Loading such a checkpoint needs a non-strict module load."""
+    engine_class = type(engine)
+    trained = {name for name, param in engine.module.named_parameters() if param.requires_grad}
+
+    def save_checkpoint(save_dir, *args, **kwargs):
+        kwargs["exclude_frozen_parameters"] = True
+        return engine_class.save_checkpoint(engine, save_dir, *args, **kwargs)
+
+    def module_state_dict(*args, **kwargs):
+        state = engine_class.module_state_dict(engine, *args, **kwargs)
+        for name in [name for name in state if name not in trained]:
+            del state[name]
+        return state
+
+    engine.save_checkpoint, engine.module_state_dict = save_checkpoint, module_state_dict
+    try:
+        yield
+    finally:
+        del engine.save_checkpoint, engine.module_state_dict
+
+
 __all__ = ["TESTED_VERSIONS", "ALLOW_UNTESTED_ENV", "UntestedVersionError", "check_version", "check_versions",
            "model_name_or_path", "attn_implementation", "cache_argument_name",
            "checkpointed_layers", "keep_cache_under_checkpointing", "training_args_file_name",
            "declare_causal_label_shift", "trainer_generation_kwargs", "trainer_prepare_inputs",
-           "require_trainer_hooks", "DtypeFollowingModule", "unpack_4bit_for_training", "zero3_partitioned"]
+           "require_trainer_hooks", "DtypeFollowingModule", "unpack_4bit_for_training", "zero3_partitioned",
+           "deepspeed_master_weights", "set_deepspeed_master_weights", "deepspeed_saves_trained_parameters_only"]

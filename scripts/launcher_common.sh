@@ -13,7 +13,8 @@
 #   SAVE_EVERY_MINUTES  also save a checkpoint every M minutes (finetune.py --save_every_minutes;
 #                    30 by default where finetune.py has that flag, 0 turns it off)
 #   OUTPUT_DIR       default output/RUN_NAME-DATESTR-...; rerun with the same OUTPUT_DIR to resume
-#                    (finetune.py continues from its newest checkpoint; train.log is appended to)
+#                    (finetune.py continues from its newest checkpoint; train.log is appended to);
+#                    a folder this try created is removed again if it failed leaving only its train.log
 #   USE_CPU=1        train on the CPU; PRECISION=bf16|fp16|fp32|auto (auto: fp32 on the CPU, else
 #                    bf16 where the GPU supports it, fp16 where not; bf16, said on stderr, where no
 #                    GPU is visible, as on a login node)
@@ -225,7 +226,20 @@ launch_finetune() {
     fi
     if [ "${PLAN:-0}" = 1 ]; then exec "${command[@]}"; fi
     echo "+ $(printf '%q ' "${command[@]}")" >&2
+    local created=0 status=0
+    if [ ! -e "$OUTPUT_DIR" ]; then created=1; fi
     mkdir -p "$OUTPUT_DIR"
     # tee outlives Ctrl-C and SIGTERM so it still logs what finetune.py prints while it stops.
-    "${command[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$OUTPUT_DIR/train.log")
+    "${command[@]}" 2>&1 | (trap '' INT TERM; exec tee -a "$OUTPUT_DIR/train.log") || status=$?
+    if [ "$status" != 0 ] && [ "$created" = 1 ]; then remove_if_only_the_log "$OUTPUT_DIR"; fi
+    exit "$status"
+}
+
+# remove_if_only_the_log DIR: a folder this try created and that holds nothing but this try's
+# train.log (finetune.py failed before writing anything) is removed, quietly: its error, shown
+# above, stays the last thing on the screen.
+remove_if_only_the_log() {
+    if [ "$(ls -A "$1")" = train.log ]; then
+        rm -f "$1/train.log" && rmdir "$1"
+    fi
 }

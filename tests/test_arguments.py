@@ -172,3 +172,88 @@ def test_yaml_numbers_written_as_text_are_numbers(tmp_path, capsys, tiny_model_d
     assert training_args.learning_rate == 0.02 and training_args.max_steps == 3
     path.write_text(text + "\nlearning_rate: 2e-2x\n")
     assert finetune_error(capsys, [str(path)]) == f"error: {path}: learning_rate: '2e-2x' is not a number"
+
+
+# ---- flash-attention ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if finetune.main gets as far as loading the model."""
+    def load(*_):
+        raise AssertionError("the model was loaded before the option was refused")
+    monkeypatch.setattr(finetune, "load_for_training", load)
+
+
+@pytest.fixture
+def flash_attn_installed(monkeypatch):
+    """Pretends the flash-attn package is importable (it never is on these CPU-only machines)."""
+    import importlib.util
+
+    import arguments
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(arguments.importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "flash_attn" else real(name, *args))
+
+
+FLASH = {"attn_implementation": "flash_attention_2"}
+
+
+def test_flash_attention_without_the_package_says_what_to_do(tmp_path, capsys, tiny_model_dir, formatted_samples,
+                                                               no_model_load):
+    import importlib.util
+
+    assert importlib.util.find_spec("flash_attn") is None
+    options = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), lora_rank=4, bf16=True,
+                   **FLASH)
+    assert finetune_error(capsys, as_flags(options)) == (
+        "error: --attn_implementation flash_attention_2 needs the flash-attn package, which is not installed: "
+        "pip install flash-attn (on a machine with CUDA), or use --attn_implementation sdpa "
+        "(the default)")
+    assert finetune_error(capsys, as_flags(dict(options, packing=True))).endswith(
+        "or drop --attn_implementation (--packing then attends per record with packed_sdpa)")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_flash_attention_with_ptuning_is_refused_with_why_and_what_instead(tmp_path, capsys, tiny_model_dir,
+                                                                            formatted_samples, no_model_load,
+                                                                            flash_attn_installed, packing):
+    options = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), pre_seq_len=4, bf16=True,
+                   **FLASH, **({"packing": True} if packing else {}))
+    err = finetune_error(capsys, as_flags(options))
+    if packing:  # the variable-length kernel cannot give every packed record the prefix
+        assert err.startswith("error: --packing with flash_attention_2 cannot show the P-Tuning prefix to every record")
+        assert "drop --attn_implementation (packing then uses packed_sdpa, which does)" in err
+    else:
+        assert err.startswith("error: --attn_implementation flash_attention_2 is not supported with P-Tuning v2: the "
+                              "prefix reaches attention as cached keys ahead of the queries")
+        assert err.endswith("use --attn_implementation sdpa (the default), or train LoRA with flash_attention_2")
+
+
+def test_flash_attention_refuses_fp32_compute(tmp_path, capsys, tiny_model_dir, formatted_samples, no_model_load,
+                                              flash_attn_installed):
+    """Full fine-tuning without DeepSpeed loads fp32 weights: flash-attention then needs autocast (--bf16 or
+    --fp16) to see half precision; a frozen base loaded in bf16 needs none."""
+    full = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), **FLASH)
+    assert finetune_error(capsys, as_flags(full)) == (
+        "error: --attn_implementation flash_attention_2 computes in bf16 or fp16 only, and this run computes in fp32: "
+        "add --bf16 (or --fp16; the launchers: PRECISION=bf16), or use --attn_implementation sdpa (the default)")
+    for accepted in (dict(full, bf16=True), dict(full, fp16=True),
+                     dict(full, lora_rank=4, torch_dtype="bfloat16"), dict(full, lora_rank=4, torch_dtype="float16")):
+        check_options(*parse_args(as_flags(accepted)))
+    with pytest.raises(OptionError, match="computes in bf16 or fp16 only"):
+        check_options(*parse_args(as_flags(dict(full, lora_rank=4, torch_dtype="float32"))))
+
+
+def test_flash_attention_that_cannot_load_is_one_line(tmp_path, capsys, tiny_model_dir, formatted_samples,
+                                                      flash_attn_installed):
+    """flash-attn present but unusable (here: transformers finds no flash-attn at all): one line, exit 2."""
+    options = dict(base_options(tiny_model_dir, formatted_samples["multi-turn"], tmp_path), lora_rank=4, bf16=True,
+                   preprocessing_cache_dir=str(tmp_path / "cache"), **FLASH)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(as_flags(options))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    err = stderr.strip().splitlines()[-1]  # after the data's progress bars
+    assert "Traceback" not in stderr and err.startswith("error: --attn_implementation flash_attention_2 cannot run on this machine: ")
+    assert err.endswith("Use --attn_implementation sdpa (the default)")

@@ -64,6 +64,12 @@ def test_every_private_use_checks_before_it_reaches_in(installed):
     installed(bitsandbytes="0.51.0")
     with pytest.raises(UntestedVersionError, match="bitsandbytes 0.51.0"):
         compat.unpack_4bit_for_training(torch.nn.Linear(2, 2))
+    installed(deepspeed="0.20.0")
+    with pytest.raises(UntestedVersionError, match="deepspeed 0.20.0"):
+        compat.deepspeed_saves_trained_parameters_only(torch.nn.Linear(2, 2))
+    # a module no DeepSpeed optimizer trains reaches into nothing: no check, nothing read or set
+    assert compat.deepspeed_master_weights(torch.nn.Linear(2, 2)) is None
+    assert compat.set_deepspeed_master_weights(torch.nn.Linear(2, 2), {}) is False
 
 
 def test_a_prefix_model_is_refused_on_an_untested_transformers(installed):

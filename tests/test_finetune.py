@@ -120,14 +120,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, formatted_s
     uninterrupted = prefix_weights(output_dir)
     assert sorted(os.listdir(output_dir / "checkpoint-6")) == sorted(os.listdir(output_dir / "checkpoint-2"))
 
-    # As if the run died while writing checkpoint-4: later work gone, checkpoint-4 half written.
+    # As if the run died while writing checkpoint-4: later work gone, checkpoint-4 half written (no manifest yet).
     shutil.rmtree(output_dir / "checkpoint-6")
     for name in ("prefix_encoder.safetensors", "trainer_state.json"):
         os.remove(output_dir / name)
-    os.remove(output_dir / "checkpoint-4" / "trainer_state.json")
+    for name in ("trainer_state.json", "manifest.json"):
+        os.remove(output_dir / "checkpoint-4" / name)
 
     result = run_finetune(*args)
-    assert "Ignoring the incomplete checkpoint" in result.stdout + result.stderr
+    assert (f"Not resuming from {output_dir / 'checkpoint-4'}: it is incomplete (no manifest.json: its save did not "
+            f"complete)") in result.stdout + result.stderr
     assert f"Resuming from {output_dir / 'checkpoint-2'}" in result.stdout + result.stderr
     resumed = prefix_weights(output_dir)
     for name, tensor in uninterrupted.items():
@@ -140,7 +142,11 @@ def test_resume_from_a_named_checkpoint_must_exist(tiny_model_dir, formatted_sam
     args = common_args(tiny_model_dir, formatted_samples["multi-turn"], tmp_path / "o", "--pre_seq_len", "4",
                        "--resume_from_checkpoint", str(tmp_path / "missing"), "--max_steps", "1")
     result = finetune_in_process(*args)
-    assert result.returncode == 2 and "not a complete checkpoint folder" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --resume_from_checkpoint {tmp_path / 'missing'}: not a complete "
+                                     f"checkpoint (no such folder): name another, or leave the option out to resume "
+                                     f"from the newest complete one")
+    assert not (tmp_path / "o").exists()  # the folder this try created is removed again
 
 
 @pytest.mark.parametrize("policy", ["drop", "error"])
@@ -212,13 +218,20 @@ def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(ti
 
     output_dir = tmp_path / "pt"
     args = common_args(tiny_model_dir, formatted_samples["input-output"], output_dir, "--pre_seq_len", "2",
-                       "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--val_size", "0.25")
+                       "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--val_size", "0.25",
+                       "--eval_strategy", "steps", "--eval_steps", "2")  # as the launchers pass VAL_SIZE
     args[args.index("multi-turn")] = "input-output"
     result = run_finetune(*args)
     out = result.stdout
     assert "--val_size 0.25: 10 of the 40 records" in out
     assert json.loads((output_dir / "train_results.json").read_text())["train_records"] == 30
-    assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] > 0
+    evaluated = json.loads((output_dir / "eval_results.json").read_text())
+    assert evaluated["eval_loss"] > 0
+    # the last step's evaluation is the final one: it runs once, not again after training
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["eval_loss"] for entry in history if "eval_loss" in entry] == [evaluated["eval_loss"]]
+    assert out.count("***** eval metrics *****") == 1
+    assert "Model config" not in out and "share your model" not in out  # transformers' INFO chatter is quiet
     summary = out[out.index("==== Run summary"):].splitlines()
     assert summary[1].startswith(f"train data {formatted_samples['input-output']}: 30 records, 30 used, 0 left out")
     assert f"eval data {formatted_samples['input-output']} (held out by --val_size): 10 records, 10 used" in "\n".join(summary)
@@ -240,3 +253,85 @@ def test_val_size_evaluates_held_out_records_and_the_summary_says_how_to_chat(ti
     run_finetune(*args)
     metrics = json.loads((generated / "eval_results.json").read_text())
     assert metrics["eval_num_predictions"] == 3 and "eval_rouge-l" in metrics
+
+
+# ---- the output folder: apart from the inputs, one run at a time ---------------------------------------
+
+def tree(folder):
+    return {os.path.join(root, name): os.path.getsize(os.path.join(root, name))
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.mark.parametrize("where, relation, option", [
+    ("model", "is", "--model_name_or_path"),
+    ("model/out", "sits inside", "--model_name_or_path"),
+    ("data", "contains", "--train_file"),
+    ("data/train.jsonl", "is", "--train_file"),
+])
+def test_an_output_folder_near_the_inputs_is_refused_before_anything_is_written(tiny_model_dir, formatted_samples,
+                                                                                tmp_path, finetune_in_process, where,
+                                                                                relation, option):
+    model, data = tmp_path / "model", tmp_path / "data"
+    shutil.copytree(tiny_model_dir, model)
+    data.mkdir()
+    shutil.copy(formatted_samples["multi-turn"], data / "train.jsonl")
+    before = tree(tmp_path)
+    output_dir = tmp_path / where
+    args = common_args(str(model), str(data / "train.jsonl"), output_dir, "--pre_seq_len", "2", "--max_steps", "1")
+    args[args.index("--preprocessing_cache_dir") + 1] = str(tmp_path / "cache")
+    result = finetune_in_process(*args)
+    assert result.returncode == 2
+    given = {"--model_name_or_path": model, "--train_file": data / "train.jsonl"}[option]
+    assert result.stderr.strip() == (
+        f"error: --output_dir {output_dir} {relation} {option} {given}: a run writes checkpoints and its final model "
+        f"there and could overwrite or mix with its inputs. Choose another --output_dir (or pass "
+        f"--allow_output_near_inputs if you really mean it)")
+    assert tree(tmp_path) == before
+
+
+def test_allow_output_near_inputs_accepts_a_folder_beside_the_data(tiny_model_dir, formatted_samples, tmp_path,
+                                                                     finetune_in_process):
+    shutil.copy(formatted_samples["multi-turn"], tmp_path / "train.jsonl")
+    args = common_args(tiny_model_dir, str(tmp_path / "train.jsonl"), tmp_path, "--pre_seq_len", "2", "--max_steps",
+                       "1", "--save_strategy", "no", "--allow_output_near_inputs")
+    result = finetune_in_process(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "prefix_encoder.safetensors").exists() and (tmp_path / "train.jsonl").exists()
+
+
+def test_a_folder_in_use_is_refused_naming_its_run_before_anything_loads(tiny_model_dir, formatted_samples, tmp_path,
+                                                                        finetune_in_process):
+    import subprocess
+    import sys
+
+    output_dir = tmp_path / "o"
+    output_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from chatglm3_finetune.train.run_lock import RunLock\n"
+                               "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)",
+                               str(output_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                                  "--pre_seq_len", "2", "--max_steps", "1"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: --output_dir {output_dir} is in use by another run "
+                                            f"(pid {holder.pid} on ")
+    assert "Sanity Check" not in result.stdout and sorted(os.listdir(output_dir)) == ["run.lock"]
+
+
+def test_a_failed_try_leaves_no_empty_output_folder_behind(formatted_samples, tmp_path, finetune_in_process):
+    output_dir = tmp_path / "output" / "run-20260101"
+    (tmp_path / "output").mkdir()
+    result = finetune_in_process(*common_args(str(tmp_path / "no-model"), formatted_samples["multi-turn"],
+                                              output_dir, "--pre_seq_len", "2", "--max_steps", "1"))
+    assert result.returncode == 2 and "--model_name_or_path" in result.stderr
+    assert os.listdir(tmp_path / "output") == []
+
+    output_dir.mkdir()  # a folder the user made is kept, even empty
+    finetune_in_process(*common_args(str(tmp_path / "no-model"), formatted_samples["multi-turn"], output_dir,
+                                     "--pre_seq_len", "2", "--max_steps", "1"))
+    assert output_dir.is_dir() and os.listdir(output_dir) == []

@@ -59,8 +59,10 @@ PROGRAMS = {
     # finetune.py and what only it runs (loading's remote-code hint names the converter's flags)
     "finetune": ([ROOT / "finetune.py", ROOT / "arguments.py", ROOT / "trainer.py", PACKAGE / "data/training_data.py",
                   PACKAGE / "model/loading.py", PACKAGE / "train/divergence.py", PACKAGE / "train/preemption.py",
-                  PACKAGE / "train/run_record.py", PACKAGE / "train/output_folder.py",
-                  *sorted((PACKAGE / "plan").glob("*.py"))], lambda: finetune_flags() | program_flags("convert")),
+                  PACKAGE / "train/run_record.py", PACKAGE / "train/output_folder.py", PACKAGE / "train/checkpoints.py",
+                  PACKAGE / "train/run_lock.py", PACKAGE / "train/final_model.py", PACKAGE / "train/manifest.py",
+                  PACKAGE / "train/run_start.py", *sorted((PACKAGE / "plan").glob("*.py"))],
+                 lambda: finetune_flags() | program_flags("convert")),
     # the summary's last line is an inference.py command
     "run summary": ([PACKAGE / "train/run_summary.py"], lambda: finetune_flags() | program_flags("inference")),
     # the data modules that finetune.py and the preview share: flags both spell the same way

@@ -409,9 +409,15 @@ def test_an_error_is_the_last_line_and_its_exit_code_the_launchers(num_gpus, tmp
     last_line = result.stdout.strip().splitlines()[-1]
     assert last_line.startswith(f"error: --model_name_or_path {missing}: no such folder"), result.stdout[-2000:]
     assert "Traceback" not in result.stdout + result.stderr and "ChildFailedError" not in result.stdout + result.stderr
-    assert (tmp_path / "run" / "train.log").read_text().strip().endswith(last_line)
+    assert not (tmp_path / "run").exists()  # the folder this try made held nothing but its log: removed again
     launcher = result.stderr.splitlines()[0]
     assert launcher.startswith(f"+ {PYTHON} finetune.py" if num_gpus == 1 else f"+ {PYTHON} -m chatglm3_finetune")
+
+    (tmp_path / "mine").mkdir()  # a folder that was there before is kept, with the log of the try
+    result = run_launcher("finetune_pt.sh", USE_CPU=1, NUM_GPUS=num_gpus, BASE_MODEL_PATH=missing,
+                          DATASET_PATH=formatted_data["input-output"], OUTPUT_DIR=tmp_path / "mine")
+    assert result.returncode == 2
+    assert (tmp_path / "mine" / "train.log").read_text().strip().endswith(last_line)
 
 
 def processes_with(marker: str) -> list[int]:

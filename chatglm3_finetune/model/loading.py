@@ -127,6 +127,9 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
         if quant is not None:
             raise ModelLoadError(f"{quantization_bit}-bit loading failed on this machine: {e}. Drop "
                                  f"--quantization_bit, or install a bitsandbytes build for this hardware") from None
+        if isinstance(e, ImportError) and attn_implementation:
+            raise ModelLoadError(f"--attn_implementation {attn_implementation} cannot run on this machine: {e} "
+                                 f"Use --attn_implementation sdpa (the default)") from None
         raise
     if cast:
         cast_from_files(model, path, stored, dtype)

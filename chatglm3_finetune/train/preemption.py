@@ -1,5 +1,6 @@
 """Stopping safely: the first SIGTERM/SIGINT finishes the current optimizer step and saves a checkpoint
-(all ranks agree on the step); a second SIGINT exits at once. Also time-based checkpoints."""
+(all ranks agree on the step); one that comes after the last step lets the final save complete first.
+A second SIGINT exits at once. Also time-based checkpoints."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class PreemptionSaver(TrainerCallback):
         self.save_every_seconds = save_every_minutes * 60
         self.signal_name = None
         self.preempted = False
+        self.training_ended = False
         self._last_save = time.monotonic()
         self._previous_handlers = {}
 
@@ -47,8 +49,13 @@ class PreemptionSaver(TrainerCallback):
         name = signal.Signals(signum).name
         if self.signal_name is None:
             self.signal_name = name
-            print(f"{name} received: finishing this optimizer step, then saving a checkpoint "
-                  f"(press Ctrl-C again to exit at once without saving)", file=sys.stderr, flush=True)
+            if self.training_ended:
+                print(f"{name} received: completing the final save, then stopping (press Ctrl-C again to exit at "
+                      f"once; rerunning the same command then writes the final model from the last checkpoint)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"{name} received: finishing this optimizer step, then saving a checkpoint "
+                      f"(press Ctrl-C again to exit at once without saving)", file=sys.stderr, flush=True)
         elif signum == signal.SIGINT:
             print("second interrupt: exiting now without saving", file=sys.stderr, flush=True)
             os._exit(130)
@@ -76,8 +83,15 @@ class PreemptionSaver(TrainerCallback):
         self._last_save = time.monotonic()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.signal_name is not None:
-            return  # stopping on request: a second Ctrl-C during the rest of the shutdown still exits at once
+        # The handlers stay until `release`: a stop request during the final save is honoured after it.
+        self.training_ended = True
+
+    def stop_requested(self, device) -> bool:
+        """Whether any rank got a stop request so far (every rank must call this at the same point)."""
+        return flags_on_any_rank([self.signal_name is not None], device)[0]
+
+    def release(self) -> None:
+        """Gives SIGTERM/SIGINT back their previous handlers."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()

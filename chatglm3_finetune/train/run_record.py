@@ -1,5 +1,6 @@
 """The run record (output_dir/run_record.json): what a run trains, the history of its starts, and
-whether it finished, so that a rerun into the same folder never mixes two different runs."""
+whether it finished, so that a rerun into the same folder never mixes two different runs, and a run
+whose final save was cut short is finished from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "run_record.json"
 SCHEDULE = ("max_steps", "num_train_epochs")  # may change on resume: applied and logged
+# Settings compared only when the record holds them: records written before they were added lack them.
+ALL_STEPS = 1 << 62
+LATER_SETTINGS = ("max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
 class ResumeRefused(ValueError):
@@ -27,7 +31,15 @@ class ResumeRefused(ValueError):
 @dataclass
 class RunPlan:
     finished: bool = False  # the run in output_dir already completed this schedule: nothing to do
+    finish_from_checkpoint: bool = False  # training ended at the checkpoint; only its final save is missing
     notes: list[str] = field(default_factory=list)  # schedule changes applied, logged once training starts
+    record: dict | None = None  # the record with this start added, for `save_start`
+
+    def save_start(self, output_dir: str) -> None:
+        """Writes the record with this start (once training is about to start: a try that fails
+        earlier leaves no trace)."""
+        if self.record is not None:
+            write_record(output_dir, self.record)
 
 
 def data_digest(path: str) -> str:
@@ -84,6 +96,10 @@ def trained_settings(model_args, data_args, training_args) -> dict:
         "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "warmup": [training_args.warmup_steps, getattr(training_args, "warmup_ratio", None)],
         "weight_decay": training_args.weight_decay,
+        "max_grad_norm": training_args.max_grad_norm,
+        "adam_beta1": training_args.adam_beta1,
+        "adam_beta2": training_args.adam_beta2,
+        "adam_epsilon": training_args.adam_epsilon,
         "optim": getattr(training_args.optim, "value", training_args.optim),
     }
     if method == "ptuning":
@@ -118,8 +134,8 @@ def write_record(output_dir: str, record: dict) -> None:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)]
+    keys = sorted(key for key in set(old) | set(new) if key in old or key not in LATER_SETTINGS)
+    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
 
 
 def _refuse(output_dir: str, what: str) -> ResumeRefused:
@@ -128,12 +144,13 @@ def _refuse(output_dir: str, what: str) -> ResumeRefused:
 
 
 def plan_run(output_dir: str, settings: dict, schedule: dict, checkpoint_step: int | None,
-             write: bool, start_over: bool = False) -> RunPlan:
+             write: bool, start_over: bool = False, checkpoint_at_end: bool = False) -> RunPlan:
     """Compares this start with the record in output_dir; raises ResumeRefused, or returns the plan.
 
     `checkpoint_step` is the global step of the checkpoint this start resumes from (None: a fresh
-    start); `start_over` ignores the old record. With `write` (the main process), an accepted
-    start is appended to the record.
+    start) and `checkpoint_at_end` whether that checkpoint holds the last step of its schedule;
+    `start_over` ignores the old record. The plan's record (this start added) is written now with
+    `write`, else by `plan.save_start`.
     """
     record = None if start_over else read_record(output_dir)
     plan = RunPlan()
@@ -143,37 +160,58 @@ def plan_run(output_dir: str, settings: dict, schedule: dict, checkpoint_step: i
             raise _refuse(output_dir, f"trained with other settings ({'; '.join(changed)})")
         last = record["starts"][-1]["schedule"] if record.get("starts") else schedule
         finished = record.get("finished")
-        if finished and _final_step(output_dir) != finished["global_step"]:
-            finished = None  # its final files are gone (removed by hand): treat it as interrupted
+        if finished and final_model_step(output_dir) != finished["global_step"]:
+            finished = None  # its final model is gone or damaged: finish it again, as if interrupted
         if finished and schedule == finished["schedule"]:
             plan.finished = True
             return plan
-        if finished and checkpoint_step is None:
+        if checkpoint_at_end and schedule == last:
+            plan.finish_from_checkpoint = True
+        elif finished and checkpoint_step is None:
             raise _refuse(output_dir, f"finished at step {finished['global_step']} and kept no checkpoint to "
                                       f"continue from with another schedule")
-        done = max(checkpoint_step or 0, finished["global_step"] if finished else 0)
-        if 0 < schedule["max_steps"] <= done:
-            raise _refuse(output_dir, f"already trained {done} steps, so --max_steps {schedule['max_steps']} "
-                                      f"leaves nothing to train; pass a larger --max_steps to continue it")
-        plan.notes = [f"{key} {last[key]} -> {schedule[key]}: applied from step {checkpoint_step or 0} on (the "
-                      f"learning-rate schedule now runs to the new end)" for key in SCHEDULE if last[key] != schedule[key]]
+        else:
+            done = max(checkpoint_step or 0, finished["global_step"] if finished else 0)
+            if 0 < schedule["max_steps"] <= done:
+                raise _refuse(output_dir, f"already trained {done} steps, so --max_steps {schedule['max_steps']} "
+                                          f"leaves nothing to train; pass a larger --max_steps to continue it")
+            plan.notes = [f"{key} {last[key]} -> {schedule[key]}: applied from step {checkpoint_step or 0} on (the "
+                          f"learning-rate schedule now runs to the new end)"
+                          for key in SCHEDULE if last[key] != schedule[key]]
     elif record is None and checkpoint_step is not None:
         logger.warning("%s has checkpoints but no %s (an older version wrote it): resuming without comparing "
                        "settings", output_dir, RECORD_FILE)
+    if record is None or checkpoint_step is None:  # a fresh start: this run's settings become the record
+        record = {"trained": settings, "starts": (record or {}).get("starts", []), "finished": None,
+                  "manifests_from_step": 0}
+    record.setdefault("manifests_from_step", checkpoint_step or 0)
+    record["starts"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
+                             "resumed_from_step": checkpoint_step, "schedule": schedule})
+    plan.record = record
     if write:
-        if record is None or checkpoint_step is None:  # a fresh start: this run's settings become the record
-            record = {"trained": settings, "starts": (record or {}).get("starts", []), "finished": None}
-        record["starts"].append({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
-                                 "resumed_from_step": checkpoint_step, "schedule": schedule})
-        write_record(output_dir, record)
+        plan.save_start(output_dir)
     return plan
 
 
-def _final_step(output_dir: str) -> int | None:
+def legacy_checkpoints_up_to(output_dir: str) -> int | None:
+    """Checkpoints up to this step may lack a manifest: they were written before manifests were (the
+    record says from which step on they are; a record without it, or none, predates them)."""
     try:
-        with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as f:
-            return json.load(f).get("global_step")
-    except (OSError, ValueError):
+        record = read_record(output_dir)
+    except ResumeRefused:
+        return None  # plan_run reports the unreadable record
+    if record is None or "manifests_from_step" not in record:
+        return ALL_STEPS
+    return record["manifests_from_step"]
+
+
+def final_model_step(output_dir: str) -> int | None:
+    """The step of the final model in output_dir when it is complete (its manifest matches), else None."""
+    from .manifest import ManifestError, check_folder
+
+    try:
+        return check_folder(output_dir).get("global_step")
+    except ManifestError:
         return None
 
 

@@ -76,7 +76,8 @@ def logits_of(model, input_ids):
 
 @pytest.mark.slow
 def test_launcher_saves_small_adapter_folders(lora_run, tiny_model_dir):
-    from trainer import find_resume_checkpoint, is_complete_checkpoint
+    from chatglm3_finetune.train.manifest import folder_problem
+    from trainer import find_resume_checkpoint
 
     output_dir, done = lora_run
     assert "--lora_rank 8" in done.stderr and "--activation_checkpointing" in done.stderr  # the command, on stderr
@@ -91,7 +92,7 @@ def test_launcher_saves_small_adapter_folders(lora_run, tiny_model_dir):
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == tiny_model_dir
-    assert is_complete_checkpoint(str(output_dir / "checkpoint-1"))
+    assert folder_problem(str(output_dir / "checkpoint-1")) is None and folder_problem(str(output_dir)) is None
     assert find_resume_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
 
 

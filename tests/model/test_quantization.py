@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import ROOT
 from chatglm3_finetune.model.loading import ModelLoadError, add_lora, add_prefix_tuning, keep_4bit_layers_trainable, load_base_model
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: quantized bases cannot be tested")
@@ -137,6 +138,40 @@ def test_unsupported_quantization_options_exit_before_loading(tiny_model_dir, fo
                        "--use_cpu", *flags])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+@pytest.fixture
+def zero3_config_forgotten():
+    """Parsing a ZeRO-3 --deepspeed config switches transformers to ZeRO-3 loading for the whole process."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    yield
+    unset_hf_deepspeed_config()
+    assert not is_deepspeed_zero3_enabled()
+
+
+@pytest.mark.parametrize("method_flags", [["--lora_rank", "4"], ["--pre_seq_len", "4"]])
+def test_an_8bit_base_under_zero3_is_refused_before_loading(tiny_model_dir, formatted_samples, tmp_path, capsys,
+                                                            monkeypatch, zero3_config_forgotten, method_flags):
+    """bitsandbytes' Linear8bitLt keeps its whole int8 weight in its own state, beside the parameter ZeRO-3
+    partitions: every rank would hold the whole base (docs/training.md)."""
+    import finetune
+
+    monkeypatch.setattr(finetune, "load_for_training", lambda *_: pytest.fail("the model was loaded"))
+    args = ["--model_name_or_path", tiny_model_dir, "--train_format", "multi-turn", "--train_file",
+            formatted_samples["multi-turn"], "--output_dir", str(tmp_path / "o"), "--do_train", "--use_cpu",
+            "--quantization_bit", "8", *method_flags]
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([*args, "--deepspeed", str(ROOT / "configs" / "ds_zero3.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --quantization_bit 8 with DeepSpeed ZeRO-3 is refused: bitsandbytes' 8-bit layers keep a whole copy "
+        "of their weights beside the parameters ZeRO-3 partitions, so every rank would hold the whole base; use "
+        "ZeRO-2 (configs/ds_zero2.json), or --quantization_bit 4, which ZeRO-3 partitions")
+    from arguments import check_options, parse_args
+
+    for accepted in (["--deepspeed", str(ROOT / "configs" / "ds_zero2.json")], []):
+        check_options(*parse_args([*args, *accepted]))
 
 
 def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):

@@ -168,6 +168,16 @@ def test_ptuning_under_zero3_saves_a_prefix_that_reloads(pt_zero3_two_ranks, pt_
 
 
 @pytest.mark.slow
+def test_two_zero3_ranks_checkpoint_the_prefix_without_the_base(pt_zero3_two_ranks):
+    from test_deepspeed_checkpoints import assert_holds_only_trained_state, deepspeed_files, is_prefix
+
+    checkpoint = pt_zero3_two_ranks / f"checkpoint-{STEPS}"
+    assert {path.name for path in deepspeed_files(checkpoint)} == {
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt" for rank in (0, 1) for kind in ("model", "optim")}
+    assert_holds_only_trained_state(checkpoint, is_prefix)
+
+
+@pytest.mark.slow
 def test_full_fine_tuning_zero2_and_zero3_agree_and_zero3_reloads(full_zero2, full_zero3, tiny_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
@@ -185,3 +195,50 @@ def test_full_fine_tuning_zero2_and_zero3_agree_and_zero3_reloads(full_zero2, fu
     assert len(trained) == len(base), "every parameter takes gradient steps in full fine-tuning"
     for key in base:
         torch.testing.assert_close(zero3[key], zero2[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_damaged_deepspeed_checkpoint_is_refused_before_anything_changes(full_zero2, tiny_model_dir, advertise_gen,
+                                                                           tmp_path):
+    """DeepSpeed's own files (global_stepN/) are in the checkpoint's manifest like every other file."""
+    import shutil
+
+    from chatglm3_finetune.train.checkpoints import NoGoodCheckpoint, choose_checkpoint
+    from test_run_record import snapshot
+
+    output_dir = tmp_path / "run"
+    shutil.copytree(full_zero2, output_dir)
+    shards = output_dir / f"checkpoint-{STEPS}" / f"global_step{STEPS}"
+    optimizer_states = shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    model_states = shards / "mp_rank_00_model_states.pt"
+    saved = model_states.read_bytes()
+    model_states.unlink()
+    with pytest.raises(NoGoodCheckpoint, match=f"global_step{STEPS}/mp_rank_00_model_states.pt is missing"):
+        choose_checkpoint(str(output_dir))
+    model_states.write_bytes(saved)
+    optimizer_states.write_bytes(b"\0" * optimizer_states.stat().st_size)
+    with pytest.raises(NoGoodCheckpoint, match=f"global_step{STEPS}/zero_pp_rank_0_mp_rank_00_optim_states.pt does "
+                                               f"not hold what was written"):
+        choose_checkpoint(str(output_dir))
+    before = snapshot(output_dir)
+
+    def rerun(steps):
+        return run_launcher("finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, MASTER_PORT=free_port(),
+                            BASE_MODEL_PATH=tiny_model_dir, DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir,
+                            MAX_STEP=steps, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1, DEV_BATCH_SIZE=4,
+                            GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64, LR="0.01",
+                            EXTRA_ARGS=f"--report_to none --max_train_samples 4 --disable_tqdm true "
+                                       f"--preprocessing_cache_dir {tmp_path / 'cache'}")
+
+    result = rerun(STEPS + 2)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"(checkpoint-{STEPS}: global_step{STEPS}/zero_pp_rank_0_mp_rank_00_optim_states.pt " \
+        "does not hold what was written" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    after = snapshot(output_dir)
+    assert {path for path in set(after) | set(before) if after.get(path) != before.get(path)} == {
+        str(output_dir / "train.log")}  # the launcher's log of this try, nothing else
+
+    same = rerun(STEPS)  # the finished run's final model is intact: nothing to do
+    assert same.returncode == 0 and "already finished with these settings: nothing to do" in same.stdout

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 class Running:
     """A training process whose merged output is read as it comes."""
 
-    def __init__(self, command: list[str]):
+    def __init__(self, command: list[str], **popen_options):
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env, cwd=str(ROOT))
+                                        env=env, cwd=str(ROOT), **popen_options)
         self.lines = []
         threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from chatglm3_finetune.train.manifest import describe, write_manifest
 from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, plan_run, read_record
 from conftest import run_finetune
 from test_finetune import common_args
@@ -15,8 +16,10 @@ SETTINGS = {"data": "/d/train.jsonl (sha256 0123)", "method": "ptuning", "pre_se
 SCHEDULE = {"max_steps": 8, "num_train_epochs": 3.0}
 
 
-def write_final_state(output_dir, step):
-    (output_dir / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+def write_final_model(output_dir, step):
+    """A final model as the final save leaves it: its files, then their manifest."""
+    (output_dir / "model.safetensors").write_bytes(b"weights" * 100)
+    write_manifest(str(output_dir), step, describe(str(output_dir), ["model.safetensors"]))
 
 
 # ---- the decisions, in-process -----------------------------------------------------------------------
@@ -48,17 +51,17 @@ def test_a_resume_with_other_settings_is_refused_with_the_differences(tmp_path, 
 
 def test_a_finished_run_is_left_alone_unless_its_final_files_are_gone(tmp_path):
     plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
-    write_final_state(tmp_path, 8)
+    write_final_model(tmp_path, 8)
     mark_finished(str(tmp_path), 8, SCHEDULE)
     assert plan_run(str(tmp_path), SETTINGS, SCHEDULE, 8, write=True).finished
     assert len(read_record(str(tmp_path))["starts"]) == 1
-    os.remove(tmp_path / "trainer_state.json")  # the final save never completed
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the final model is damaged (as if cut short)
     assert not plan_run(str(tmp_path), SETTINGS, SCHEDULE, 6, write=False).finished
 
 
 def test_schedule_changes_are_applied_and_named_or_refused(tmp_path):
     plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
-    write_final_state(tmp_path, 8)
+    write_final_model(tmp_path, 8)
     mark_finished(str(tmp_path), 8, SCHEDULE)
     plan = plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 12}, 8, write=False)
     assert plan.notes == ["max_steps 8 -> 12: applied from step 8 on (the learning-rate schedule now runs to the new end)"]
@@ -66,6 +69,56 @@ def test_schedule_changes_are_applied_and_named_or_refused(tmp_path):
         plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 6}, 8, write=False)
     with pytest.raises(ResumeRefused, match="finished at step 8 and kept no checkpoint"):
         plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 12}, None, write=False)
+
+
+def test_a_run_whose_final_save_was_cut_short_is_finished_from_its_last_checkpoint(tmp_path):
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)
+    plan = plan_run(str(tmp_path), SETTINGS, SCHEDULE, 8, write=False, checkpoint_at_end=True)
+    assert plan.finish_from_checkpoint and not plan.finished
+    # the same with a final model that was complete once and is damaged now
+    write_final_model(tmp_path, 8)
+    mark_finished(str(tmp_path), 8, SCHEDULE)
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 700)  # same size, other bytes
+    assert plan_run(str(tmp_path), SETTINGS, SCHEDULE, 8, write=False, checkpoint_at_end=True).finish_from_checkpoint
+    # another schedule continues the training instead
+    plan = plan_run(str(tmp_path), SETTINGS, {**SCHEDULE, "max_steps": 12}, 8, write=False, checkpoint_at_end=True)
+    assert not plan.finish_from_checkpoint and plan.notes
+
+
+def test_the_record_is_written_only_when_the_start_is_saved(tmp_path):
+    plan = plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=False)
+    assert not (tmp_path / "run_record.json").exists()
+    plan.save_start(str(tmp_path))
+    assert read_record(str(tmp_path))["manifests_from_step"] == 0
+
+
+@pytest.mark.parametrize("name, old, new", [("max_grad_norm", 1.0, 0.5), ("adam_beta1", 0.9, 0.8),
+                                            ("adam_beta2", 0.999, 0.95), ("adam_epsilon", 1e-8, 1e-6),
+                                            ("weight_decay", 0.0, 0.1)])
+def test_clipping_and_adam_settings_are_compared_on_resume(tmp_path, name, old, new):
+    plan_run(str(tmp_path), {**SETTINGS, name: old}, SCHEDULE, None, write=True)
+    with pytest.raises(ResumeRefused, match=f"trained with other settings \\({name} {old!r} -> {new!r}\\)"):
+        plan_run(str(tmp_path), {**SETTINGS, name: new}, SCHEDULE, 4, write=False)
+
+
+def test_a_record_written_before_the_adam_settings_were_compared_still_resumes(tmp_path):
+    plan_run(str(tmp_path), SETTINGS, SCHEDULE, None, write=True)  # no max_grad_norm or adam_* in it
+    later = {"max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+    assert not plan_run(str(tmp_path), {**SETTINGS, **later}, SCHEDULE, 4, write=False).finished
+
+
+def test_trained_settings_hold_clipping_and_adam(tmp_path):
+    from arguments import parse_args
+    from chatglm3_finetune.train.run_record import trained_settings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    model_args, data_args, training_args = parse_args([
+        "--model_name_or_path", str(tmp_path), "--train_format", "input-output", "--train_file", str(data),
+        "--output_dir", str(tmp_path / "o"), "--max_grad_norm", "0.3", "--adam_beta2", "0.95", "--use_cpu"])
+    settings = trained_settings(model_args, data_args, training_args)
+    assert (settings["max_grad_norm"], settings["adam_beta1"], settings["adam_beta2"], settings["adam_epsilon"]) == (
+        0.3, 0.9, 0.95, 1e-8)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -89,6 +142,7 @@ def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path)
     result = run_finetune(*args("--max_steps", "4"))  # the same command again
     assert "already finished with these settings: nothing to do" in result.stdout
     assert "Loading weights" not in result.stdout + result.stderr and snapshot(output_dir) == before
+    assert "Resuming from" not in result.stdout + result.stderr  # it did not resume: nothing to say so
 
     other = tmp_path / "other.jsonl"
     other.write_text("".join(open(formatted_samples["multi-turn"]).readlines()[:5]))
@@ -100,6 +154,12 @@ def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path)
 
     result = run_finetune(*args("--max_steps", "4", "--learning_rate", "5e-2"), check=False)
     assert result.returncode == 2 and "learning_rate 0.02 -> 0.05" in result.stderr
+    assert "Resuming from" not in result.stdout + result.stderr
+
+    result = run_finetune(*args("--max_steps", "6", "--max_grad_norm", "0.5", "--adam_beta2", "0.95"), check=False)
+    assert result.returncode == 2
+    assert "adam_beta2 0.999 -> 0.95; max_grad_norm 1.0 -> 0.5" in result.stderr
+    assert snapshot(output_dir) == before
 
     result = run_finetune(*args("--max_steps", "2"), check=False)
     assert result.returncode == 2 and "already trained 4 steps, so --max_steps 2 leaves nothing to train" in result.stderr

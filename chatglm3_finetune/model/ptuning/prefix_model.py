@@ -25,8 +25,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .prefix_cache import PrefixCache
 from .prefix_checkpoint import PrefixSettings, check_fits_model, fp32_cpu, load_prefix_state, read_prefix_settings, save_prefix
-from ...compat import (DtypeFollowingModule, cache_argument_name, checkpointed_layers,
-                          keep_cache_under_checkpointing, zero3_partitioned)
+from ...compat import (DtypeFollowingModule, cache_argument_name, checkpointed_layers, deepspeed_master_weights,
+                          keep_cache_under_checkpointing, set_deepspeed_master_weights, zero3_partitioned)
 from ...train.loss_switch import SupervisedLossSwitch
 from ...train.supervised_loss import supervised_lm_loss
 
@@ -268,8 +268,12 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
     # ---- saving and loading ------------------------------------------------------------------
 
     def prefix_state_dict(self) -> dict[str, torch.Tensor]:
-        """The prefix encoder's weights, fp32 on CPU. Under ZeRO-3 this gathers the partitioned
-        parameters: call it on every rank."""
+        """The prefix encoder's weights, fp32 on CPU; while DeepSpeed trains them, its optimizer's fp32
+        master copy (under fp16/bf16 ZeRO-1/2 the module itself holds only their rounding). Under
+        DeepSpeed this gathers the ranks' parts: call it on every rank."""
+        masters = deepspeed_master_weights(self.prefix_encoder)
+        if masters is not None:
+            return fp32_cpu(masters)
         params = list(self.prefix_encoder.parameters())
         if zero3_partitioned(params):
             import deepspeed
@@ -288,8 +292,8 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
         logger.info("Saved the P-Tuning v2 prefix (%d positions) to %s", self.pre_seq_len, save_directory)
 
     def load_prefix(self, checkpoint_dir: str) -> None:
-        """Loads a prefix checkpoint (either format) into this model's encoder; its settings must match.
-        Under ZeRO-3 call it on every rank."""
+        """Loads a prefix checkpoint (either format) into this model's encoder (and into the fp32 master copy
+        of a DeepSpeed optimizer that trains it); its settings must match. Under DeepSpeed call it on every rank."""
         settings, state = load_prefix_state(checkpoint_dir)
         mismatched = self.settings.shape_differences(settings)
         if mismatched:
@@ -302,6 +306,17 @@ class PrefixTuningModel(SupervisedLossSwitch, DtypeFollowingModule):
                 self.prefix_encoder.load_state_dict(state)
         else:
             self.prefix_encoder.load_state_dict(state)
+        set_deepspeed_master_weights(self.prefix_encoder, state)  # the fp32 copy a DeepSpeed optimizer trains
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, except that the frozen base may be missing: it comes from its own folder, and
+        what DeepSpeed checkpoints of this model hold is the prefix alone (trainer.py)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.startswith("base_model.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                               f"unexpected keys {result.unexpected_keys}")
+        return result
 
     def record_base_model(self, base_model_name_or_path: str) -> None:
         """Names the base model this prefix belongs to in what save_pretrained writes."""

@@ -362,6 +362,21 @@ def test_save_keeps_fp32_from_a_half_precision_base(tmp_path):
     assert settings["pre_seq_len"] == 2 and state["embedding.weight"].dtype == torch.float32
 
 
+def test_a_state_without_the_frozen_base_loads_strictly():
+    """What a DeepSpeed checkpoint of the model holds (the prefix alone) loads with strict=True; the prefix
+    itself, or a key of another model, may not be missing or extra."""
+    model, trained = tiny_prefix_model(), tiny_prefix_model(seed=3)
+    prefix_only = {key: value for key, value in trained.state_dict().items() if key.startswith("prefix_encoder.")}
+    model.load_state_dict(prefix_only)
+    assert torch.equal(model.prefix_encoder.embedding.weight, trained.prefix_encoder.embedding.weight)
+    assert not torch.equal(model.base_model.lm_head.weight, trained.base_model.lm_head.weight)  # the base stays
+    with pytest.raises(RuntimeError, match=r"missing keys \['prefix_encoder.embedding.weight'\]"):
+        model.load_state_dict({})
+    with pytest.raises(RuntimeError, match=r"unexpected keys \['extra'\]"):
+        model.load_state_dict({**prefix_only, "extra": torch.zeros(1)})
+    model.load_state_dict({}, strict=False)
+
+
 def test_pre_seq_len_mismatch_names_both_values(tmp_path):
     tiny_prefix_model(pre_seq_len=5).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"pre_seq_len 7 was asked for.*pre_seq_len 5"):
@@ -446,6 +461,8 @@ ZERO3_SCRIPT = textwrap.dedent("""
     import torch
     import deepspeed
     from transformers import GlmForCausalLM
+    from chatglm3_finetune.compat import set_deepspeed_master_weights
+    from chatglm3_finetune.model.ptuning.prefix_checkpoint import load_prefix_state
     from chatglm3_finetune.model.ptuning.prefix_model import PrefixTuningModel
     from chatglm3_finetune.model.tiny_model import tiny_glm_config
 
@@ -485,8 +502,13 @@ ZERO3_SCRIPT = textwrap.dedent("""
         with deepspeed.zero.GatheredParameters(list(model.prefix_encoder.parameters()), modifier_rank=0):
             for p in model.prefix_encoder.parameters():
                 p.zero_()
+        set_deepspeed_master_weights(model.prefix_encoder,
+                                     {n: torch.zeros(p.ds_shape) for n, p in model.prefix_encoder.named_parameters()})
         model.load_prefix(sys.argv[1])  # partitioned parameters are filled through a gather
         reloaded_equal = torch.equal(model(ids).logits, logits_before)
+    saved_again = model.prefix_state_dict()  # the optimizer's fp32 copy: load_prefix set it too
+    reloaded_equal = reloaded_equal and all(torch.equal(saved_again[n], p) for n, p in
+                                            load_prefix_state(sys.argv[1])[1].items())
     with deepspeed.zero.GatheredParameters(list(model.base_model.parameters())):
         base_unchanged = all(torch.equal(p, base_before[n]) for n, p in model.base_model.named_parameters())
     print("RESULT " + json.dumps({"partitioned": partitioned, "plain": plain_losses, "zero3": zero3_losses,
