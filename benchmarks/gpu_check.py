@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-CASES = ("ptuning", "ptuning_8bit", "ptuning_4bit", "lora", "qlora", "packing", "packing_flash_attn", "zero2", "zero3",
-         "zero3_offload")
+CASES = ("ptuning", "ptuning_8bit", "ptuning_4bit", "lora", "qlora", "packing", "packing_flash_attn", "zero2",
+         "zero2_ptuning", "zero3", "zero3_offload")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--cpu", action="store_true", help="full 6B shape on this CPU: 1 + 1 steps of 32 tokens a case (ZeRO: 2 ranks, a 178M GLM)")
     where.add_argument("--dry", action="store_true", help="tiny shapes on the CPU: every case's code path")
     parser.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
-                        help=f"run only these ({', '.join(CASES)})")
+                        help=f"run only these, in this order (default: all, in the order {' '.join(CASES)})")
     parser.add_argument("--json", help="write one row per case here")
     parser.add_argument("--work", help="folder for models, data, runs and logs (default /tmp/gpu_check-MODE); "
                                        "a converted model left there is reused")

@@ -14,7 +14,7 @@ TOKENIZER_DIR=${TOKENIZER_DIR:-../shared/data/chatglm3-tokenizer}
 DEST=.gpu_check
 # What the GPU machine lacks (its torch, accelerate, huggingface_hub, tokenizers, safetensors,
 # sentencepiece, pyarrow, numpy, ... stay as they are).
-PACKAGES=(transformers peft datasets dill multiprocess hjson pydantic pydantic-core annotated-types
+PACKAGES=(transformers peft datasets dill multiprocess xxhash hjson pydantic pydantic-core annotated-types
           typing-inspection typing-extensions fastapi starlette uvicorn opentelemetry-api)
 
 exclude=$(git rev-parse --git-path info/exclude)

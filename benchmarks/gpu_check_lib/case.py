@@ -62,7 +62,9 @@ class Check:
         return self.model_dirs[cases.shape_of(case, self.mode)].result()
 
     def lock_for(self, case: cases.Case) -> str | None:
-        return BIG_MEMORY_LOCK if self.mode.serialize_big and cases.shape_of(case, self.mode) == "6b" else None
+        """On the CPU every process of the check takes the big-memory lock: the 6B ones need 13-16 GB, the
+        two ZeRO ranks several GB together."""
+        return BIG_MEMORY_LOCK if self.mode.serialize_big else None
 
     def paths(self, case: cases.Case, label: str) -> tuple[Path, Path]:
         return self.work / "logs" / case.name / f"{label}.log", self.work / "probes" / case.name / label

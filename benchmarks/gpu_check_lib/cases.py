@@ -21,7 +21,7 @@ class Mode:
     deepspeed_ranks: int  # processes of the ZeRO cases
     env: dict = field(default_factory=dict)  # launcher variables of every case
     frozen_base_args: tuple[str, ...] = ()  # finetune.py flags of the P-Tuning and LoRA cases
-    serialize_big: bool = False  # run every 6B-shaped process under the big-memory lock
+    serialize_big: bool = False  # run every process under the big-memory lock, one at a time
     device: str = "cuda"
 
 
@@ -54,7 +54,8 @@ class Case:
 
     @property
     def deepspeed(self) -> bool:
-        return self.method == "full"
+        """Trained through finetune_ds.sh: the DeepSpeed model, its ranks and its records."""
+        return self.launcher == "finetune_ds.sh"
 
 
 PTUNING = dict(launcher="finetune_pt_multiturn.sh", method="ptuning", data="conversations",
@@ -75,6 +76,10 @@ CASES = [
     Case("packing_flash_attn", **{**LORA, "data": "packed"}, args=("--packing", "--attn_implementation", "flash_attention_2"),
          packed_reference=True, needs=("flash_attn",), attention="flash_attention_2 varlen"),
     Case("zero2", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero2.json"}}),
+    # P-Tuning v2 under ZeRO-2 (the launcher's own example): its checkpoint must hold the prefix and
+    # its optimizer state, not the frozen base.
+    Case("zero2_ptuning", **{**ZERO, "method": "ptuning", "env": {"DS_CONFIG": "configs/ds_zero2.json"}},
+         args=("--pre_seq_len", str(PRE_SEQ_LEN))),
     Case("zero3", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero3.json"}}),
     Case("zero3_offload", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero3_offload.json"}}),
 ]

@@ -81,7 +81,7 @@ def prepare_model(shape: str, work: Path, tokenizer_dir: Path, python: str, mode
         return converted
     original = work / "models" / f"{shape}-original"
     shutil.rmtree(converted, ignore_errors=True)
-    lock = BIG_MEMORY_LOCK if mode.serialize_big and shape == "6b" else None
+    lock = BIG_MEMORY_LOCK if mode.serialize_big else None
     start = time.monotonic()
     say(f"model {shape}: writing a random ChatGLM3 checkpoint in the original layout to {original}")
     with runs.big_memory_lock(lock, say):
@@ -151,7 +151,7 @@ def run_check(args) -> int:
     work = Path(args.work or f"/tmp/gpu_check-{mode.name}").resolve()
     budget = args.budget if args.budget is not None else (450 if mode.name == "gpu" else None)
     started = time.monotonic()
-    selected = [case for case in cases.CASES if not args.cases or case.name in args.cases]
+    selected = [cases.case_named(name) for name in dict.fromkeys(args.cases)] if args.cases else list(cases.CASES)
 
     missing = {module: importable(module, python) for case in selected for module in case.needs}
     peak_flops = matmul_peak(mode, python)  # first: nothing else runs on the device yet
