@@ -5,7 +5,7 @@
 # step, inference.py and (P-Tuning) api_server.py. Cases: P-Tuning v2 (pre_seq_len 128, 2048 tokens,
 # bf16, gradient checkpointing) plain, 8-bit and 4-bit; LoRA and QLoRA; packing (packed_sdpa, and
 # flash-attention varlen where flash_attn imports); full fine-tuning of a ~1B GLM under ZeRO-2, ZeRO-3
-# and ZeRO-3 with offload. Prints one table (peak GPU memory measured inside each training process,
+# and ZeRO-3 with offload, and P-Tuning under ZeRO-2. Prints one table (peak GPU memory measured inside each training process,
 # the memory plan's figure next to it where finetune.py has --plan_json, step time, tokens/s, MFU);
 # exits 1 when a case failed. docs/gpu-check.md explains the table and holds the last results.
 #
@@ -17,11 +17,12 @@
 # Through the device tool of this workplace (its GPU machine has torch 2.11+cu130, transformers 5.17,
 # peft, accelerate; not the pinned transformers, deepspeed, datasets, bitsandbytes or fastapi, and no
 # network): first, here, `bash benchmarks/gpu_check_wheels.sh` fills .gpu_check/ (git-ignored) with
-#   wheels/  transformers 5.24.0, peft 0.21.2, datasets 5.2.0 + dill + multiprocess, deepspeed 0.19.8
-#            built without ops + hjson + pydantic 2.14.4 + pydantic-core + annotated-types +
-#            typing-inspection, bitsandbytes 0.50.2 with only its CUDA 13.0 and CPU kernels, fastapi +
-#            starlette + uvicorn + opentelemetry-api (the server): 23.2 MB, each size printed
-#   tokenizer/  the real ChatGLM3 tokenizer.model and tokenizer_config.json (1 MB)
+#   wheels/  transformers 5.24.0, peft 0.21.2, datasets 5.2.0 + dill + multiprocess + xxhash, deepspeed
+#            0.19.8 built without ops + hjson + pydantic 2.14.4 + pydantic-core + annotated-types +
+#            typing-inspection + typing-extensions, bitsandbytes 0.50.2 with only its CUDA 13.0 and CPU
+#            kernels, fastapi + starlette + uvicorn + opentelemetry-api (the server)
+#   tokenizer/  the real ChatGLM3 tokenizer.model and tokenizer_config.json
+#   (24.6 MB in all, each size printed)
 # then: run(command="bash benchmarks/gpu_check.sh --json $OUT/gpu_check.json", carry=[".gpu_check"],
 # timeout_s=590), and for cases skipped for time, at once (the warm machine keeps the models):
 # run(command="bash benchmarks/gpu_check.sh --cases NAME... --json $OUT/gpu_check.json", carry=[".gpu_check"]).

@@ -94,6 +94,13 @@ def flops_rate(value: float | None) -> str:
     return f"{value / 1e12:.1f} TFLOP/s" if value >= 1e12 else f"{value / 1e9:.0f} GFLOP/s"
 
 
+def rate(value: float | None) -> str:
+    """Tokens/s with three significant digits at most: 0.31 on a CPU at 6B, 4096 on a GPU."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 def yes(value) -> str:
     return "-" if value is None else "yes" if value else "NO"
 
@@ -121,7 +128,7 @@ def table_line(r: dict, mode: str) -> str:
     return _line([r["case"], r["status"], gigabytes(measured), gigabytes(r["planned_bytes"]), yes(r["saved"]),
                   yes(r["resumed"]), yes(r["inference"]), yes(r["server"]),
                   "n/a" if r["step_s"] is None else f"{r['step_s']:.2f}",
-                  "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}",
+                  rate(r["tokens_per_s"]),
                   "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}",
                   "n/a" if r["seconds"] is None else f"{r['seconds']:.0f}"])
 

@@ -79,6 +79,7 @@ def test_table_shows_measured_planned_and_why():
     assert "14.20" in text and "14.00" in text and "40.0%" in text and "4096" in text
     assert "packing_flash_attn: skipped: not run: flash_attn absent" in text
     assert "zero3: failed: resume failed: x" in text and failed["status"] == "failed"
+    assert [report.rate(v) for v in (0.3125, 45.25, 4096.4, None)] == ["0.31", "45.2", "4096", "n/a"]
 
 
 def test_original_layout_checkpoint_matches_the_shared_one_and_converts(tmp_path):
