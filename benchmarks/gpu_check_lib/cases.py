@@ -76,9 +76,10 @@ CASES = [
     Case("packing_flash_attn", **{**LORA, "data": "packed"}, args=("--packing", "--attn_implementation", "flash_attention_2"),
          packed_reference=True, needs=("flash_attn",), attention="flash_attention_2 varlen"),
     Case("zero2", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero2.json"}}),
-    # P-Tuning v2 under ZeRO-2 (the launcher's own example): its checkpoint must hold the prefix and
-    # its optimizer state, not the frozen base.
-    Case("zero2_ptuning", **{**ZERO, "method": "ptuning", "env": {"DS_CONFIG": "configs/ds_zero2.json"}},
+    # P-Tuning v2 under ZeRO-2 (the launcher's own example) at the P-Tuning launchers' learning rate
+    # (finetune_ds.sh's 1e-4 is full fine-tuning's): its checkpoint must hold the prefix and its
+    # optimizer state, not the frozen base.
+    Case("zero2_ptuning", **{**ZERO, "method": "ptuning", "env": {"DS_CONFIG": "configs/ds_zero2.json", "LR": "2e-2"}},
          args=("--pre_seq_len", str(PRE_SEQ_LEN))),
     Case("zero3", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero3.json"}}),
     Case("zero3_offload", **{**ZERO, "env": {"DS_CONFIG": "configs/ds_zero3_offload.json"}}),
