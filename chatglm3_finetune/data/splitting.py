@@ -3,8 +3,11 @@ and the train/dev/test files the converters write with `--split`."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
+
+from .paths import file_problem
 
 SPLIT_NAMES = ("train", "dev", "test")
 
@@ -87,6 +90,22 @@ def parse_split_or_exit(parser, text: str) -> tuple[float, float, float]:
         return parse_split(text)
     except SplitError as error:
         parser.error(f"--split {error}")
+
+
+def converter_arguments(description: str, path_help: str, default_output: str,
+                        argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The converters' shared command line (--path, --output, --split, --seed), checked before any reading."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--path", required=True, help=path_help)
+    parser.add_argument("--output", default=default_output)
+    add_split_options(parser, default_output)
+    args = parser.parse_args(argv)
+    if args.split:
+        parse_split_or_exit(parser, args.split)
+    problem = file_problem(args.path)
+    if problem:
+        parser.exit(2, f"error: --path {problem}\n")
+    return parser, args
 
 
 def write_converted(parser, args, rows: list[dict]) -> list[str]:

@@ -11,14 +11,12 @@ Blank lines are not records and are passed over.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Iterable
 
 from ..records import split_lines
-from ..paths import file_problem
-from ..splitting import add_split_options, parse_split_or_exit, write_converted
+from ..splitting import converter_arguments, write_converted
 from ..strict_json import StrictJsonError, loads
 
 FIELDS = {"content": "prompt", "summary": "response"}
@@ -59,17 +57,8 @@ def convert_advertise_gen(lines: Iterable[str], source: str = "<input>") -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", required=True, help="AdvertiseGen file: one JSON object per line")
-    parser.add_argument("--output", default="formatted_data/advertise_gen.jsonl")
-    add_split_options(parser, "formatted_data/advertise_gen.jsonl")
-    args = parser.parse_args(argv)
-    if args.split:
-        parse_split_or_exit(parser, args.split)
-    problem = file_problem(args.path)
-    if problem:
-        print(f"error: --path {problem}", file=sys.stderr)
-        return 2
+    parser, args = converter_arguments(__doc__.split("\n\n")[0], "AdvertiseGen file: one JSON object per line",
+                                       "formatted_data/advertise_gen.jsonl", argv)
     try:
         with open(args.path, encoding="utf-8", newline="") as f:
             rows = convert_advertise_gen(split_lines(f.read()), source=args.path)

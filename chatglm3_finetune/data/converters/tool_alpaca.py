@@ -13,13 +13,11 @@ Damaged instances (the generator leaves some) are skipped, counted by reason and
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 
-from ..paths import file_problem
-from ..splitting import add_split_options, parse_split_or_exit, write_converted
+from ..splitting import converter_arguments, write_converted
 from ..strict_json import StrictJsonError, loads
 
 ERROR_INSTANCE = 'instance has "error"'
@@ -123,17 +121,8 @@ def summary_lines(records: list, rows: list[dict], skipped: dict[str, list[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", required=True, help="ToolAlpaca train-format JSON file (a list of API records)")
-    parser.add_argument("--output", default="formatted_data/tool_alpaca.jsonl")
-    add_split_options(parser, "formatted_data/tool_alpaca.jsonl")
-    args = parser.parse_args(argv)
-    if args.split:
-        parse_split_or_exit(parser, args.split)
-    problem = file_problem(args.path)
-    if problem:
-        print(f"error: --path {problem}", file=sys.stderr)
-        return 2
+    parser, args = converter_arguments(__doc__.split("\n\n")[0], "ToolAlpaca train-format JSON file (a list of API records)",
+                                       "formatted_data/tool_alpaca.jsonl", argv)
     try:
         with open(args.path, encoding="utf-8", newline="") as f:
             records = loads(f.read())
