@@ -133,9 +133,11 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_
         raise
     if cast:
         cast_from_files(model, path, stored, dtype)
-    logger.info("Loaded %s (%s, %.1fM parameters, %s%s)", path, type(model).__name__,
-                sum(p.numel() for p in model.parameters()) / 1e6, dtype,
-                f", linear layers in {quantization_bit} bits" if quant is not None else "")
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    logger.info("Loaded %s (%s, %.1fM parameters, %s%s%s)", path, type(model).__name__,
+                sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6, dtype,
+                f", linear layers in {quantization_bit} bits" if quant is not None else "",
+                ", partitioned across the ranks by ZeRO-3 as it loaded" if partitioned else "")
     return model
 
 

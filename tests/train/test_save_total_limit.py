@@ -30,7 +30,7 @@ def launch(launcher: str, **variables):
 @pytest.mark.slow
 def test_ptuning_keeps_the_two_newest_checkpoints_and_resumes_from_the_newest(tiny_model_dir, formatted_data,
                                                                             tmp_path):
-    from trainer import is_complete_checkpoint
+    from chatglm3_finetune.train.checkpoints import checkpoint_problem
 
     output_dir = tmp_path / "run"
 
@@ -46,7 +46,7 @@ def test_ptuning_keeps_the_two_newest_checkpoints_and_resumes_from_the_newest(ti
     resumed = launch("finetune_pt.sh", **variables(5))
     assert f"Resuming from {output_dir / 'checkpoint-3'}" in resumed.stdout
     assert checkpoints(output_dir) == ["checkpoint-4", "checkpoint-5"]
-    assert all(is_complete_checkpoint(str(output_dir / name)) for name in checkpoints(output_dir))
+    assert all(checkpoint_problem(str(output_dir / name)) is None for name in checkpoints(output_dir))
     assert logged_steps(output_dir) == [1, 2, 3, 4, 5]
 
 
@@ -55,7 +55,7 @@ def test_time_based_saves_of_full_fine_tuning_keep_the_launchers_default_of_two(
                                                                                tmp_path):
     """finetune_ds.sh (ZeRO-2, one CPU process): no step saves, a time-based save due after every step,
     SAVE_TOTAL_LIMIT left at the full fine-tuning default (2)."""
-    from trainer import is_complete_checkpoint
+    from chatglm3_finetune.train.checkpoints import checkpoint_problem
 
     output_dir = tmp_path / "run"
 
@@ -72,6 +72,6 @@ def test_time_based_saves_of_full_fine_tuning_keep_the_launchers_default_of_two(
     resumed = launch("finetune_ds.sh", **variables(4))
     assert f"Resuming from {output_dir / 'checkpoint-3'}" in resumed.stdout
     assert checkpoints(output_dir) == ["checkpoint-3", "checkpoint-4"]
-    assert all(is_complete_checkpoint(str(output_dir / name)) for name in checkpoints(output_dir))
+    assert all(checkpoint_problem(str(output_dir / name)) is None for name in checkpoints(output_dir))
     assert logged_steps(output_dir) == [1, 2, 3, 4]
     assert len(losses_of(output_dir)) == 4
