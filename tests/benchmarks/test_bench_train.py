@@ -1,6 +1,7 @@
 """benchmarks/bench_train.py end to end on the tiny config: one process per mode, the JSON it writes."""
 
 import json
+
 import pytest
 
 from conftest import ROOT, shared_path

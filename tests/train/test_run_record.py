@@ -197,8 +197,8 @@ def test_a_checkpoint_that_cannot_be_written_exits_4_and_keeps_the_earlier_ones(
     output_dir = tmp_path / "o"
     output_dir.mkdir()
     (output_dir / "checkpoint-2").write_text("in the way")  # the save of step 2 fails for real
-    result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len",
-                                       "4", "--max_steps", "4", "--save_steps", "1"))
+    result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                              "--pre_seq_len", "4", "--max_steps", "4", "--save_steps", "1"))
     assert result.returncode == 4, result.stderr[-3000:]
     errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: could not write {output_dir / 'checkpoint-2'}: ")
