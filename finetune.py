@@ -37,7 +37,8 @@ from chatglm3_finetune.train.output_folder import (WRITE_FAILED_EXIT_CODE, Check
 from chatglm3_finetune.train.preemption import PREEMPTED_EXIT_CODE, RESUME_HINT  # noqa: E402
 from chatglm3_finetune.train.run_lock import RunLock  # noqa: E402
 from chatglm3_finetune.train.run_start import decide_start, schedule, shared_from_main  # noqa: E402
-from chatglm3_finetune.compat import UntestedVersionError, check_versions  # noqa: E402
+from chatglm3_finetune.compat import (UntestedVersionError, check_versions,  # noqa: E402
+                                      skip_deepspeed_cpu_shared_memory_op)
 from chatglm3_finetune.model.packed_attention import packing_attention  # noqa: E402
 from chatglm3_finetune.data.records import DataError  # noqa: E402
 from chatglm3_finetune.train.run_record import mark_finished  # noqa: E402
@@ -240,6 +241,8 @@ def run(model_args, data_args, training_args, lock: RunLock, started: float) -> 
         except DataError as e:
             fail(str(e))
 
+    if training_args.deepspeed:
+        skip_deepspeed_cpu_shared_memory_op()
     if training_args.deepspeed and training_args.world_size > 1:
         start_deepspeed_comm()
     if data_args.packing:

@@ -238,6 +238,19 @@ def set_deepspeed_master_weights(module: torch.nn.Module, state: dict[str, torch
 
 
 @_uses("deepspeed")
+def skip_deepspeed_cpu_shared_memory_op() -> None:
+    """Keeps DeepSpeed's comm layer from compiling its shared-memory all-reduce op, which it builds
+    with the system compiler at the first start on a CPU. Without the op it reduces through
+    torch.distributed (gloo), as on any other CPU. The build needs gcc on the node, and a build that
+    was killed leaves a lock file at which every later CPU run waits forever without a word.
+    On a GPU, DeepSpeed has no such op: nothing changes there."""
+    import importlib
+
+    # `import deepspeed.comm.torch as ...` would give torch itself: deepspeed.comm re-exports it as `torch`
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+@_uses("deepspeed")
 @contextlib.contextmanager
 def deepspeed_saves_trained_parameters_only(engine):
     """While active, the DeepSpeed checkpoints `engine.save_checkpoint` writes hold the trained
