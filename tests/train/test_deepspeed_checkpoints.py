@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_deepspeed import free_port, logged_losses
+from test_deepspeed import extensions_dir, free_port, logged_losses
 from test_launchers import SAMPLES, run_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,8 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     def run(name: str, extra: str, ranks: int = 1, **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
+            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), TORCH_EXTENSIONS_DIR=extensions_dir(),
+            BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=2, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=2 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=32, MAX_TARGET_LEN=32, SAVE_EVERY_MINUTES=0,
             EXTRA_ARGS=f"--report_to none --max_train_samples 16 --disable_tqdm true "
