@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_launchers import SAMPLES, run_launcher
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json")
 STEPS = 4
+CONCURRENT_RUNS = 2  # launches at a time: the runs are independent processes, most of their time start-up
 
 
 def all_values(tree):
@@ -68,6 +70,14 @@ def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
 
 
+def run_together(jobs: dict) -> dict:
+    """{name: a function that runs a launcher} -> {name: what it returned}: the jobs CONCURRENT_RUNS at a
+    time (each runs its own processes; the threads only wait for them)."""
+    with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,29 +115,41 @@ PTUNING = "--pre_seq_len 4 --prefix_dropout 0"
 
 
 @pytest.fixture(scope="module")
-def pt_zero2(train):
-    return train("pt_zero2", extra=PTUNING, LR="0.05")
+def runs(train) -> dict:
+    """The output folders of the module's five runs, which only read what they left."""
+    return run_together({
+        "pt_zero2": lambda: train("pt_zero2", extra=PTUNING, LR="0.05"),
+        "pt_zero3_2": lambda: train("pt_zero3_2", ranks=2, extra=PTUNING, LR="0.05", DS_CONFIG="configs/ds_zero3.json"),
+        "pt_ddp_2": lambda: train("pt_ddp_2", launcher="finetune_pt.sh", ranks=2, extra="--prefix_dropout 0",
+                                  LR="0.05", PRE_SEQ_LEN=4),
+        "full_zero2": lambda: train("full_zero2", LR="0.01"),
+        "full_zero3": lambda: train("full_zero3", LR="0.01", DS_CONFIG="configs/ds_zero3.json"),
+    })
 
 
 @pytest.fixture(scope="module")
-def pt_zero3_two_ranks(train):
-    return train("pt_zero3_2", ranks=2, extra=PTUNING, LR="0.05", DS_CONFIG="configs/ds_zero3.json")
+def pt_zero2(runs):
+    return runs["pt_zero2"]
 
 
 @pytest.fixture(scope="module")
-def pt_ddp_two_ranks(train):
-    return train("pt_ddp_2", launcher="finetune_pt.sh", ranks=2, extra="--prefix_dropout 0", LR="0.05",
-                 PRE_SEQ_LEN=4)
+def pt_zero3_two_ranks(runs):
+    return runs["pt_zero3_2"]
 
 
 @pytest.fixture(scope="module")
-def full_zero2(train):
-    return train("full_zero2", LR="0.01")
+def pt_ddp_two_ranks(runs):
+    return runs["pt_ddp_2"]
 
 
 @pytest.fixture(scope="module")
-def full_zero3(train):
-    return train("full_zero3", LR="0.01", DS_CONFIG="configs/ds_zero3.json")
+def full_zero2(runs):
+    return runs["full_zero2"]
+
+
+@pytest.fixture(scope="module")
+def full_zero3(runs):
+    return runs["full_zero3"]
 
 
 def logged_losses(output_dir: Path) -> list[float]:
