@@ -6,11 +6,12 @@ optimizer's partitions, so training is the same to the bit, with half the host m
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from test_deepspeed import extensions_dir, free_port, logged_losses
+from test_deepspeed import extensions_dir, free_port, logged_losses, run_together
 from test_launchers import SAMPLES, run_launcher
 
 STEPS = 3
@@ -43,8 +44,8 @@ def test_bf16_full_fine_tuning_loads_bf16_and_trains_as_from_fp32(config, tiny_m
     import torch
     from safetensors import safe_open
 
-    runs = {dtype: train_bf16(tiny_model_dir, advertise_gen, tmp_path / dtype / "run", config, dtype)
-            for dtype in ("auto", "float32")}
+    runs = run_together({dtype: partial(train_bf16, tiny_model_dir, advertise_gen, tmp_path / dtype / "run", config,
+                                        dtype) for dtype in ("auto", "float32")})
     loaded = {dtype: re.search(r"Loaded .*\(GlmForCausalLM, [\d.]+M parameters, (torch\.\w+)", result.stdout).group(1)
               for dtype, result in runs.items()}
     assert loaded == {"auto": "torch.bfloat16", "float32": "torch.float32"}
