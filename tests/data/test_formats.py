@@ -438,20 +438,25 @@ def test_the_preview_prints_the_sanity_check_of_each_format(real_tokenizer, tmp_
     assert lines[-2].endswith("read as multi-turn records")
 
 
-def test_the_preview_command_reads_a_dataset_folder_split(real_tokenizer, tmp_path):
+def test_the_preview_command_reads_a_dataset_folder_split(real_tokenizer, tmp_path, capsys):
+    """The split is read through the command's main in-process; the refusal without --split is seen from
+    a real process (its exit code and stderr, as a shell sees them)."""
     import subprocess
     import sys
 
     import datasets
 
+    import preprocess_utils
     from conftest import ROOT
 
     table = datasets.Dataset.from_list([alpaca(input="Bob"), alpaca()])
     datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "d"))
-    command = [sys.executable, str(ROOT / "preprocess_utils.py"), "--tokenizer",
-               real_tokenizer.vocab_file.rsplit("/", 1)[0], "--train_format", "auto", "--data", str(tmp_path / "d")]
-    result = subprocess.run(command + ["--split", "test"], capture_output=True, text=True, check=True)
-    lines = result.stdout.splitlines()
+    options = ["--tokenizer", real_tokenizer.vocab_file.rsplit("/", 1)[0], "--train_format", "auto",
+               "--data", str(tmp_path / "d")]
+    command = [sys.executable, str(ROOT / "preprocess_utils.py"), *options]
+    capsys.readouterr()
+    assert preprocess_utils.main(options + ["--split", "test"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     expected = encode_prompt_response(real_tokenizer, {"prompt": "Say hi\nBob", "response": "Hi"})
     assert len(lines) == len(expected.input_ids) + 4 and lines[1] == "'[gMASK]':  64790 ->   -100"
     assert lines[-2] == (f"{tmp_path / 'd' / 'test'}: 2 alpaca records (recognised from the first record), read as "
@@ -476,19 +481,18 @@ def test_generation_eval_reads_openai_validation_data_like_conversations(tiny_to
 
 
 @pytest.mark.slow
-def test_finetune_trains_on_a_dataset_folder_of_openai_records(tiny_model_dir, tmp_path):
+def test_finetune_trains_on_a_dataset_folder_of_openai_records(tiny_model_dir, tmp_path, finetune_in_process):
     import datasets
-
-    from conftest import run_finetune
 
     table = datasets.Dataset.from_list(OPENAI_RECORDS)
     datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "chats"))
-    result = run_finetune(
+    result = finetune_in_process(
         "--model_name_or_path", tiny_model_dir, "--train_format", "auto", "--train_file", str(tmp_path / "chats"),
         "--train_split", "train", "--validation_file", str(tmp_path / "chats"), "--validation_split", "test",
         "--do_train", "--do_eval", "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none",
         "--pre_seq_len", "2", "--max_steps", "1", "--save_strategy", "no", "--per_device_train_batch_size", "3",
         "--preprocessing_cache_dir", str(tmp_path / "cache"), "--full_sanity_check")
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (f"{tmp_path / 'chats' / 'train'}: 3 openai records (recognised from the first record), read as "
             f"multi-turn records") in result.stdout
     assert f"{tmp_path / 'chats' / 'test'}: 1 openai records" in result.stdout

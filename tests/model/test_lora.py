@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_finetune
+from conftest import ROOT
 
 from chatglm3_finetune.model import lora_merge as merge_lora  # noqa: E402
 from chatglm3_finetune.model.loading import ModelLoadError, add_lora  # noqa: E402
@@ -116,9 +116,11 @@ def test_only_the_adapters_were_trained(lora_run, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_from_the_newest_checkpoint_exactly(lora_run, tiny_model_dir, formatted_samples, tmp_path):
+def test_rerun_resumes_from_the_newest_checkpoint_exactly(lora_run, tiny_model_dir, formatted_samples, tmp_path,
+                                                          finetune_in_process, monkeypatch):
     """An interrupted run (only checkpoint-1 left), rerun with the launcher's command (DRY_RUN=1 prints it)
-    and the same output folder, ends where the uninterrupted run did."""
+    and the same output folder, ends where the uninterrupted run did. The printed finetune.py command runs
+    in-process, from the project root as the launcher would run it (the launcher's own run is lora_run)."""
     output_dir, _ = lora_run
     interrupted = tmp_path / "run"
     interrupted.mkdir()
@@ -126,7 +128,9 @@ def test_rerun_resumes_from_the_newest_checkpoint_exactly(lora_run, tiny_model_d
     env = launcher_env(tiny_model_dir, formatted_samples["multi-turn"], interrupted, tmp_path / "cache", DRY_RUN="1")
     command = shlex.split(run_launcher(env).stdout)
     assert command[:2] == [sys.executable, "finetune.py"]  # one process, no torchrun
-    done = run_finetune(*command[2:])
+    monkeypatch.chdir(ROOT)
+    done = finetune_in_process(*command[2:])
+    assert done.returncode == 0, done.stderr[-3000:]
     assert f"Resuming from {interrupted / 'checkpoint-1'}" in done.stdout
     expected, resumed = adapter_weights(output_dir / "checkpoint-2"), adapter_weights(interrupted)
     assert expected.keys() == resumed.keys()

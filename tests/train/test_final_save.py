@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from chatglm3_finetune.train.final_model import ASIDE_FOLDER
 from chatglm3_finetune.train.manifest import MANIFEST_FILE, folder_problem
-from conftest import ROOT, run_finetune
+from conftest import ROOT
 from test_finetune import common_args
 from test_preemption import Running
 
@@ -61,7 +61,8 @@ def with_umask(mask):
     return lambda: os.umask(mask)
 
 
-def test_sigterm_during_the_final_save_lets_it_complete_then_exits_75(model_60mb, formatted_samples, tmp_path):
+def test_sigterm_during_the_final_save_lets_it_complete_then_exits_75(model_60mb, formatted_samples, tmp_path,
+                                                                      finetune_in_process):
     output_dir = tmp_path / "full"
     args = full_run_args(model_60mb, formatted_samples["multi-turn"], output_dir)
     run = Running(python_command(args), preexec_fn=with_umask(0o027))
@@ -78,13 +79,14 @@ def test_sigterm_during_the_final_save_lets_it_complete_then_exits_75(model_60mb
     assert (output_dir / "model.safetensors").stat().st_mode & 0o777 == 0o640  # umask 027
     assert {"tokenizer.model", "config.json"} <= set(os.listdir(output_dir))
 
-    rerun = run_finetune(*args)
+    rerun = finetune_in_process(*args)  # the rerun only reads the folder: in-process
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already finished with these settings: nothing to do" in rerun.stdout
     assert "Resuming from" not in rerun.stdout + rerun.stderr
 
 
 def test_kill_9_during_the_final_save_then_the_rerun_writes_it_from_the_last_checkpoint(model_60mb, formatted_samples,
-                                                                                       tmp_path):
+                                                                                       tmp_path, finetune_in_process):
     from transformers import AutoModelForCausalLM
 
     output_dir = tmp_path / "full"
@@ -97,7 +99,8 @@ def test_kill_9_during_the_final_save_then_the_rerun_writes_it_from_the_last_che
     assert not (output_dir / MANIFEST_FILE).exists() and not (output_dir / "model.safetensors").exists()
     assert folder_problem(str(output_dir / "checkpoint-2")) is None
 
-    rerun = run_finetune(*args)
+    rerun = finetune_in_process(*args)  # the killed run was a real process; the reruns are in-process
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     out = rerun.stdout + rerun.stderr
     assert (f"The run in {output_dir} had trained all 2 steps, but its final model was missing or incomplete (its "
             f"final save was cut short): wrote it from {output_dir / 'checkpoint-2'}. Done.") in out
@@ -115,7 +118,8 @@ def test_kill_9_during_the_final_save_then_the_rerun_writes_it_from_the_last_che
     assert train_results["finished_from_checkpoint"] == str(output_dir / "checkpoint-2")
     assert train_results["train_steps"] == 2 and train_results["train_loss"] > 0
 
-    again = run_finetune(*args)
+    again = finetune_in_process(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished with these settings: nothing to do" in again.stdout
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_finetune
+from conftest import ROOT
 from test_finetune import common_args, prefix_weights
 
 pytestmark = pytest.mark.slow
@@ -49,13 +49,17 @@ def final_state(output_dir) -> dict:
     return json.loads((output_dir / "trainer_state.json").read_text())
 
 
-def test_sigterm_saves_then_the_rerun_equals_an_uninterrupted_run(tiny_model_dir, formatted_samples, tmp_path):
+def test_sigterm_saves_then_the_rerun_equals_an_uninterrupted_run(tiny_model_dir, formatted_samples, tmp_path,
+                                                                   finetune_in_process):
+    """The stopped run is a real process (the signal and its exit code are the point); the uninterrupted
+    run and the rerun only produce weights and records to compare, so they run in-process."""
     def args(output_dir):
         return common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
                            "--max_steps", "8", "--save_steps", "1000", "--learning_rate", "2e-2", "--seed", "7")
 
     uninterrupted = tmp_path / "whole"
-    run_finetune(*args(uninterrupted))
+    whole_run = finetune_in_process(*args(uninterrupted))
+    assert whole_run.returncode == 0, whole_run.stderr[-3000:]
 
     output_dir = tmp_path / "stopped"
     run = Running([sys.executable, str(ROOT / "finetune.py"), *args(output_dir)])
@@ -70,7 +74,8 @@ def test_sigterm_saves_then_the_rerun_equals_an_uninterrupted_run(tiny_model_dir
     assert not (output_dir / "prefix_encoder.safetensors").exists()
     assert json.loads((output_dir / "run_record.json").read_text())["finished"] is None
 
-    result = run_finetune(*args(output_dir))
+    result = finetune_in_process(*args(output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {output_dir / f'checkpoint-{step}'}" in result.stdout + result.stderr
     for name, tensor in prefix_weights(uninterrupted).items():
         torch.testing.assert_close(prefix_weights(output_dir)[name], tensor, rtol=0, atol=1e-6)
@@ -90,9 +95,9 @@ def test_a_second_ctrl_c_exits_at_once(tiny_model_dir, formatted_samples, tmp_pa
     output_dir = tmp_path / "o"
     run = Running([sys.executable, str(ROOT / "finetune.py"), *common_args(
         tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4", "--max_steps", "50",
-        "--save_steps", "1000", "--gradient_accumulation_steps", "40")])
+        "--save_steps", "1000", "--gradient_accumulation_steps", "10")])
     run.wait_for_logged_steps(1)
-    # 40 micro-batches per optimizer step: the first SIGINT lands mid-step, so the second one comes
+    # 10 micro-batches per optimizer step: the first SIGINT lands mid-step, so the second one comes
     # while the step is still being finished, before any save
     run.process.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -102,10 +107,12 @@ def test_a_second_ctrl_c_exits_at_once(tiny_model_dir, formatted_samples, tmp_pa
     assert "second interrupt: exiting now without saving" in output
 
 
-def test_save_every_minutes_saves_on_time(tiny_model_dir, formatted_samples, tmp_path):
+def test_save_every_minutes_saves_on_time(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     output_dir = tmp_path / "o"
-    result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len", "4",
-                                       "--max_steps", "4", "--save_steps", "1000", "--save_every_minutes", "0.00001"))
+    result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                              "--pre_seq_len", "4", "--max_steps", "4", "--save_steps", "1000",
+                                              "--save_every_minutes", "0.00001"))
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "(--save_every_minutes 1e-05)" in result.stdout + result.stderr
     assert len(checkpoints(output_dir)) >= 3
 

@@ -8,7 +8,6 @@ import pytest
 
 from chatglm3_finetune.train.manifest import describe, write_manifest
 from chatglm3_finetune.train.run_record import ResumeRefused, mark_finished, plan_run, read_record
-from conftest import run_finetune
 from test_finetune import common_args
 
 SETTINGS = {"data": "/d/train.jsonl (sha256 0123)", "method": "ptuning", "pre_seq_len": 4, "deepspeed stage": 2,
@@ -129,60 +128,64 @@ def snapshot(folder) -> dict:
 
 
 @pytest.mark.slow
-def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path):
+def test_reruns_into_a_finished_run(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     output_dir = tmp_path / "o"
 
     def args(*extra, data=formatted_samples["multi-turn"]):
         return common_args(tiny_model_dir, data, output_dir, "--pre_seq_len", "4", "--save_steps", "2",
                            "--learning_rate", "2e-2", *extra)
 
-    run_finetune(*args("--max_steps", "4"))
+    assert finetune_in_process(*args("--max_steps", "4")).returncode == 0
     before = snapshot(output_dir)
 
-    result = run_finetune(*args("--max_steps", "4"))  # the same command again
+    result = finetune_in_process(*args("--max_steps", "4"))  # the same command again
+    assert result.returncode == 0
     assert "already finished with these settings: nothing to do" in result.stdout
     assert "Loading weights" not in result.stdout + result.stderr and snapshot(output_dir) == before
     assert "Resuming from" not in result.stdout + result.stderr  # it did not resume: nothing to say so
 
     other = tmp_path / "other.jsonl"
     other.write_text("".join(open(formatted_samples["multi-turn"]).readlines()[:5]))
-    result = run_finetune(*args("--max_steps", "4", data=str(other)), check=False)
+    result = finetune_in_process(*args("--max_steps", "4", data=str(other)))
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: --output_dir {output_dir} holds a run that trained with other settings (data ")
     assert snapshot(output_dir) == before
 
-    result = run_finetune(*args("--max_steps", "4", "--learning_rate", "5e-2"), check=False)
+    result = finetune_in_process(*args("--max_steps", "4", "--learning_rate", "5e-2"))
     assert result.returncode == 2 and "learning_rate 0.02 -> 0.05" in result.stderr
     assert "Resuming from" not in result.stdout + result.stderr
 
-    result = run_finetune(*args("--max_steps", "6", "--max_grad_norm", "0.5", "--adam_beta2", "0.95"), check=False)
+    result = finetune_in_process(*args("--max_steps", "6", "--max_grad_norm", "0.5", "--adam_beta2", "0.95"))
     assert result.returncode == 2
     assert "adam_beta2 0.999 -> 0.95; max_grad_norm 1.0 -> 0.5" in result.stderr
     assert snapshot(output_dir) == before
 
-    result = run_finetune(*args("--max_steps", "2"), check=False)
+    result = finetune_in_process(*args("--max_steps", "2"))
     assert result.returncode == 2 and "already trained 4 steps, so --max_steps 2 leaves nothing to train" in result.stderr
     assert snapshot(output_dir) == before
 
-    result = run_finetune(*args("--max_steps", "6"))  # continue: the schedule runs to the new end, logged
+    result = finetune_in_process(*args("--max_steps", "6"))  # continue: the schedule runs to the new end, logged
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "Schedule change on resume: max_steps 4 -> 6: applied from step 4 on" in result.stdout + result.stderr
     state = json.loads((output_dir / "trainer_state.json").read_text())
     rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
     assert state["global_step"] == 6
     assert rates[5] == pytest.approx(2e-2 * (6 - 4) / 6) and rates[6] == pytest.approx(2e-2 * (6 - 5) / 6)
 
-    result = run_finetune(*args("--max_steps", "2", "--overwrite_output_dir"))
+    result = finetune_in_process(*args("--max_steps", "2", "--overwrite_output_dir"))
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "--overwrite_output_dir: removed the previous run's" in result.stdout + result.stderr
     assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == ["checkpoint-2"]
     record = json.loads((output_dir / "run_record.json").read_text())
     assert len(record["starts"]) == 1 and record["finished"]["global_step"] == 2
 
 
-def test_an_unusable_output_folder_fails_before_loading(tiny_model_dir, formatted_samples, tmp_path):
+def test_an_unusable_output_folder_fails_before_loading(tiny_model_dir, formatted_samples, tmp_path,
+                                                        finetune_in_process):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], blocker / "out"), check=False)
+    result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], blocker / "out"))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: --output_dir {blocker / 'out'}: cannot write there (")
     assert "GiB free" in result.stderr and "Loading weights" not in result.stdout + result.stderr
@@ -190,12 +193,12 @@ def test_an_unusable_output_folder_fails_before_loading(tiny_model_dir, formatte
 
 @pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_exits_4_and_keeps_the_earlier_ones(tiny_model_dir, formatted_samples,
-                                                                                  tmp_path):
+                                                                                  tmp_path, finetune_in_process):
     output_dir = tmp_path / "o"
     output_dir.mkdir()
     (output_dir / "checkpoint-2").write_text("in the way")  # the save of step 2 fails for real
-    result = run_finetune(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir, "--pre_seq_len",
-                                       "4", "--max_steps", "4", "--save_steps", "1"), check=False)
+    result = finetune_in_process(*common_args(tiny_model_dir, formatted_samples["multi-turn"], output_dir,
+                                              "--pre_seq_len", "4", "--max_steps", "4", "--save_steps", "1"))
     assert result.returncode == 4, result.stderr[-3000:]
     errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: could not write {output_dir / 'checkpoint-2'}: ")
