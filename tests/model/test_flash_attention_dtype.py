@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from test_deepspeed import free_port
+from test_deepspeed import extensions_dir, free_port
 
 PROBE = textwrap.dedent("""
     import json, sys
@@ -35,35 +35,42 @@ PROBE = textwrap.dedent("""
     AttentionMaskInterface.register("dtype_probe", sdpa_mask)
     import finetune
 
-    finetune.main(sys.argv[1:])
-    print("SEEN " + json.dumps(sorted(seen)))
+    common, runs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    for index, flags in enumerate(runs):  # one process, the runs one after the other
+        seen.clear()
+        finetune.main(common + ["--output_dir", f"{sys.argv[3]}/run{index}"] + flags)
+        print("SEEN " + json.dumps([flags, sorted(seen)]), flush=True)
 """)
+
+# The runs of one probe process; the DeepSpeed run last, so that the runs before it start in a
+# process DeepSpeed has not set up.
+RUNS = ([], ["--bf16"], ["--bf16", "--deepspeed", "configs/ds_zero2.json"])
 
 
 @pytest.fixture(scope="module")
 def attention_dtypes(tiny_model_dir, formatted_samples, tmp_path_factory):
-    """attention_dtypes(*flags) -> the dtypes attention saw in a 2-step full fine-tuning run."""
+    """attention_dtypes(*flags) -> the dtypes attention saw in a 2-step full fine-tuning run with these
+    flags (one of RUNS, all run by one probe process)."""
     folder = tmp_path_factory.mktemp("attention_dtype")
     script = folder / "probe.py"
     script.write_text(PROBE)
+    common = ["--model_name_or_path", tiny_model_dir, "--train_format", "input-output", "--train_file",
+              formatted_samples["input-output"], "--max_source_length", "32", "--max_target_length", "32",
+              "--max_train_samples", "4", "--per_device_train_batch_size", "2", "--max_steps", "2",
+              "--save_strategy", "no", "--do_train", "--use_cpu", "--report_to", "none",
+              "--attn_implementation", "dtype_probe", "--preprocessing_cache_dir", str(folder / "cache")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}
+    result = subprocess.run([sys.executable, str(script), json.dumps(common), json.dumps(RUNS), str(folder)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    seen = {tuple(flags): dtypes for flags, dtypes in
+            (json.loads(line[len("SEEN "):]) for line in result.stdout.splitlines() if line.startswith("SEEN "))}
+    assert result.returncode == 0 and len(seen) == len(RUNS), result.stdout[-3000:] + result.stderr[-3000:]
 
-    def run(*flags: str) -> list[str]:
-        output_dir = folder / f"run{len(list(folder.iterdir()))}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-               "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-        result = subprocess.run(
-            [sys.executable, str(script), "--model_name_or_path", tiny_model_dir, "--train_format", "input-output",
-             "--train_file", formatted_samples["input-output"], "--max_source_length", "32", "--max_target_length",
-             "32", "--max_train_samples", "4", "--per_device_train_batch_size", "2", "--max_steps", "2",
-             "--save_strategy", "no", "--output_dir", str(output_dir), "--do_train", "--use_cpu", "--report_to",
-             "none", "--attn_implementation", "dtype_probe", "--preprocessing_cache_dir", str(folder / "cache"),
-             *flags],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("SEEN ")]
-        assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-        return json.loads(lines[-1][len("SEEN "):])
-    return run
+    def dtypes(*flags: str) -> list[str]:
+        return seen[flags]
+    return dtypes
 
 
 @pytest.mark.slow

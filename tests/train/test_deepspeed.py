@@ -5,9 +5,10 @@ Every run trains on the same 4 records with a global batch of 4 and no dropout, 
 the same batch: one process, two DeepSpeed ranks and two DDP ranks must log the same losses."""
 
 import json
+import os
 import socket
-import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_launchers import SAMPLES, run_launcher
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("ds_zero2.json", "ds_zero3.json", "ds_zero3_offload.json")
 STEPS = 4
+CONCURRENT_RUNS = 2  # launches at a time: the runs are independent processes, most of their time start-up
 
 
 def all_values(tree):
@@ -60,6 +62,22 @@ def test_the_trainer_fills_every_auto_value(name):
             {"cpu"} if offload else {None})
 
 
+def extensions_dir() -> str:
+    """Where DeepSpeed's just-in-time ops (the CPU comm op every DeepSpeed process loads) are built for
+    the processes these tests start: the caller's TORCH_EXTENSIONS_DIR, else a folder in this virtual
+    environment. Torch's default, one folder per user, is shared by every environment of that user, and
+    each rebuilds the op (and waits on the others' builds) whenever another environment built it last."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
+
+
+def run_together(jobs: dict) -> dict:
+    """{name: a function that runs a launcher} -> {name: what it returned}: the jobs CONCURRENT_RUNS at a
+    time (each runs its own processes; the threads only wait for them)."""
+    with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,9 +86,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def advertise_gen(tmp_path_factory) -> Path:
+    from chatglm3_finetune.data.converters import advertise_gen
+
     output = tmp_path_factory.mktemp("formatted_data") / "advertise_gen.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "format_advertise_gen.py"), "--path",
-                    str(SAMPLES / "advertise_gen_train.json"), "--output", str(output)], check=True, capture_output=True)
+    assert advertise_gen.main(["--path", str(SAMPLES / "advertise_gen_train.json"), "--output", str(output)]) == 0
     return output
 
 
@@ -80,7 +99,8 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     def run(name: str, launcher: str = "finetune_ds.sh", ranks: int = 1, extra: str = "", **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            launcher, USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
+            launcher, USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), TORCH_EXTENSIONS_DIR=extensions_dir(),
+            BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=4 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64,
             EXTRA_ARGS=f"--report_to none --max_train_samples 4 --disable_tqdm true "
@@ -95,29 +115,41 @@ PTUNING = "--pre_seq_len 4 --prefix_dropout 0"
 
 
 @pytest.fixture(scope="module")
-def pt_zero2(train):
-    return train("pt_zero2", extra=PTUNING, LR="0.05")
+def runs(train) -> dict:
+    """The output folders of the module's five runs, which only read what they left."""
+    return run_together({
+        "pt_zero2": lambda: train("pt_zero2", extra=PTUNING, LR="0.05"),
+        "pt_zero3_2": lambda: train("pt_zero3_2", ranks=2, extra=PTUNING, LR="0.05", DS_CONFIG="configs/ds_zero3.json"),
+        "pt_ddp_2": lambda: train("pt_ddp_2", launcher="finetune_pt.sh", ranks=2, extra="--prefix_dropout 0",
+                                  LR="0.05", PRE_SEQ_LEN=4),
+        "full_zero2": lambda: train("full_zero2", LR="0.01"),
+        "full_zero3": lambda: train("full_zero3", LR="0.01", DS_CONFIG="configs/ds_zero3.json"),
+    })
 
 
 @pytest.fixture(scope="module")
-def pt_zero3_two_ranks(train):
-    return train("pt_zero3_2", ranks=2, extra=PTUNING, LR="0.05", DS_CONFIG="configs/ds_zero3.json")
+def pt_zero2(runs):
+    return runs["pt_zero2"]
 
 
 @pytest.fixture(scope="module")
-def pt_ddp_two_ranks(train):
-    return train("pt_ddp_2", launcher="finetune_pt.sh", ranks=2, extra="--prefix_dropout 0", LR="0.05",
-                 PRE_SEQ_LEN=4)
+def pt_zero3_two_ranks(runs):
+    return runs["pt_zero3_2"]
 
 
 @pytest.fixture(scope="module")
-def full_zero2(train):
-    return train("full_zero2", LR="0.01")
+def pt_ddp_two_ranks(runs):
+    return runs["pt_ddp_2"]
 
 
 @pytest.fixture(scope="module")
-def full_zero3(train):
-    return train("full_zero3", LR="0.01", DS_CONFIG="configs/ds_zero3.json")
+def full_zero2(runs):
+    return runs["full_zero2"]
+
+
+@pytest.fixture(scope="module")
+def full_zero3(runs):
+    return runs["full_zero3"]
 
 
 def logged_losses(output_dir: Path) -> list[float]:
@@ -224,6 +256,7 @@ def test_a_damaged_deepspeed_checkpoint_is_refused_before_anything_changes(full_
 
     def rerun(steps):
         return run_launcher("finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, MASTER_PORT=free_port(),
+                            TORCH_EXTENSIONS_DIR=extensions_dir(),
                             BASE_MODEL_PATH=tiny_model_dir, DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir,
                             MAX_STEP=steps, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1, DEV_BATCH_SIZE=4,
                             GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64, LR="0.01",

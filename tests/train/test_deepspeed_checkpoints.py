@@ -11,11 +11,12 @@ the CPU (USE_CPU=1, one rank, the tiny model):
 """
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from test_deepspeed import free_port, logged_losses
+from test_deepspeed import extensions_dir, free_port, logged_losses, run_together
 from test_launchers import SAMPLES, run_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +26,15 @@ PTUNING = f"--pre_seq_len {PRE_SEQ_LEN}"
 LORA = "--lora_rank 4 --lora_alpha 8"
 QLORA = f"{LORA} --lora_dropout 0 --quantization_bit 4"  # no dropout: one rank and two see the same batches
 BYTES_PER_TRAINED_PARAMETER = 4 * 4  # fp32 weight, fp32 master copy, Adam's two moments
+ZERO3 = "configs/ds_zero3.json"
+RUNS = {  # name: (finetune.py flags, launcher variables)
+    "pt_zero2": (PTUNING, dict(PRECISION="bf16", LR="0.05")),
+    "pt_zero3": (PTUNING, dict(PRECISION="bf16", LR="0.05", DS_CONFIG=ZERO3)),
+    "lora_zero2": (LORA, dict(LR="0.01")),
+    "lora_zero3": (LORA, dict(LR="0.01", DS_CONFIG=ZERO3)),
+    "offload": ("", dict(PRECISION="bf16", LR="0.01", DS_CONFIG="configs/ds_zero3_offload.json")),
+}
+RESUMED = ("pt_zero2", "pt_zero3", "lora_zero3", "offload")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,8 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     def run(name: str, extra: str, ranks: int = 1, **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
+            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), TORCH_EXTENSIONS_DIR=extensions_dir(),
+            BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=2, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=2 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=32, MAX_TARGET_LEN=32, SAVE_EVERY_MINUTES=0,
             EXTRA_ARGS=f"--report_to none --max_train_samples 16 --disable_tqdm true "
@@ -54,34 +65,54 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     return run
 
 
-def resumed(train, name: str, run: Path, extra: str, **variables) -> Path:
-    """A second run that continues `run` from its step-2 checkpoint to step STEPS."""
-    return train(name, f"{extra} --resume_from_checkpoint {run / 'checkpoint-2'}", **variables)
+def together(train, jobs: dict) -> dict:
+    """{name: (extra, variables)} -> {name: output folder}: train() for each, run_together."""
+    return run_together({name: partial(train, name, extra, **variables) for name, (extra, variables) in jobs.items()})
+
+
+def resume_flags(run: Path, extra: str) -> str:
+    """The flags of a second run that continues `run` from its step-2 checkpoint to step STEPS."""
+    return f"{extra} --resume_from_checkpoint {run / 'checkpoint-2'}"
 
 
 @pytest.fixture(scope="module")
-def pt_zero2(train):
-    return train("pt_zero2", PTUNING, PRECISION="bf16", LR="0.05")
+def runs(train) -> dict:
+    """The output folders of the RUNS."""
+    return together(train, RUNS)
 
 
 @pytest.fixture(scope="module")
-def pt_zero3(train):
-    return train("pt_zero3", PTUNING, PRECISION="bf16", LR="0.05", DS_CONFIG="configs/ds_zero3.json")
+def second_runs(train, runs) -> dict:
+    """What continues the RUNS: "<name>_resumed", each of RESUMED resumed with its own settings, and
+    "pt_continued", a run continuing pt_zero2's final prefix (--ptuning_checkpoint) with a learning rate of 0."""
+    jobs = {f"{name}_resumed": (resume_flags(runs[name], RUNS[name][0]), RUNS[name][1]) for name in RESUMED}
+    jobs["pt_continued"] = (f"--ptuning_checkpoint {runs['pt_zero2']}", dict(PRECISION="bf16", LR="0"))
+    return together(train, jobs)
 
 
 @pytest.fixture(scope="module")
-def lora_zero2(train):
-    return train("lora_zero2", LORA, LR="0.01")
+def pt_zero2(runs):
+    return runs["pt_zero2"]
 
 
 @pytest.fixture(scope="module")
-def lora_zero3(train):
-    return train("lora_zero3", LORA, LR="0.01", DS_CONFIG="configs/ds_zero3.json")
+def pt_zero3(runs):
+    return runs["pt_zero3"]
 
 
 @pytest.fixture(scope="module")
-def offload(train):
-    return train("offload", "", PRECISION="bf16", LR="0.01", DS_CONFIG="configs/ds_zero3_offload.json")
+def lora_zero2(runs):
+    return runs["lora_zero2"]
+
+
+@pytest.fixture(scope="module")
+def lora_zero3(runs):
+    return runs["lora_zero3"]
+
+
+@pytest.fixture(scope="module")
+def offload(runs):
+    return runs["offload"]
 
 
 # ---- reading DeepSpeed checkpoints ---------------------------------------------------------------
@@ -193,9 +224,10 @@ def test_ptuning_checkpoints_hold_the_prefix_and_its_optimizer_state_only(run, r
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run, config", [("pt_zero2", "configs/ds_zero2.json"), ("pt_zero3", "configs/ds_zero3.json")])
-def test_ptuning_resumes_bitwise_from_a_checkpoint_without_the_base(run, config, request, train):
+def test_ptuning_resumes_bitwise_from_a_checkpoint_without_the_base(run, config, request, second_runs):
     uninterrupted = request.getfixturevalue(run)
-    again = resumed(train, f"{run}_resumed", uninterrupted, PTUNING, PRECISION="bf16", LR="0.05", DS_CONFIG=config)
+    again = second_runs[f"{run}_resumed"]
+    assert json.loads((again / "run_config.json").read_text())["training"]["deepspeed"] == config
     assert_resumed_bitwise(uninterrupted, again)
 
 
@@ -220,7 +252,7 @@ def test_the_saved_prefix_is_the_fp32_master_copy_under_bf16(run, request):
 
 
 @pytest.mark.slow
-def test_a_continued_prefix_starts_from_its_exact_fp32_values(pt_zero2, train):
+def test_a_continued_prefix_starts_from_its_exact_fp32_values(pt_zero2, second_runs):
     import torch
     from safetensors.torch import load_file
 
@@ -228,7 +260,7 @@ def test_a_continued_prefix_starts_from_its_exact_fp32_values(pt_zero2, train):
     assert not torch.equal(start, start.bfloat16().float())
     # ZeRO-2 trains a bf16 copy of the prefix, and DeepSpeed makes the fp32 master copy from it. With
     # a learning rate of 0, any rounding of the start is what gets saved.
-    output_dir = train("pt_continued", f"--ptuning_checkpoint {pt_zero2}", PRECISION="bf16", LR="0")
+    output_dir = second_runs["pt_continued"]
     assert torch.equal(load_file(str(output_dir / "prefix_encoder.safetensors"))["embedding.weight"], start)
 
 
@@ -243,9 +275,8 @@ def test_lora_checkpoints_hold_the_adapter_and_its_optimizer_state_only(run, req
 
 
 @pytest.mark.slow
-def test_lora_resumes_bitwise_under_zero3(lora_zero3, train):
-    again = resumed(train, "lora_zero3_resumed", lora_zero3, LORA, LR="0.01", DS_CONFIG="configs/ds_zero3.json")
-    assert_resumed_bitwise(lora_zero3, again)
+def test_lora_resumes_bitwise_under_zero3(lora_zero3, second_runs):
+    assert_resumed_bitwise(lora_zero3, second_runs["lora_zero3_resumed"])
 
 
 @pytest.mark.slow
@@ -254,16 +285,16 @@ def test_qlora_under_zero3_on_two_ranks_trains_checkpoints_the_adapter_and_resum
     log the losses of one ZeRO-2 process, checkpoint the adapter alone (no quantization constants of
     the base) and resume bitwise."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: quantized bases cannot be tested")
-    two_ranks = train("qlora_zero3_2", QLORA, ranks=2, LR="0.01", DS_CONFIG="configs/ds_zero3.json")
-    one_process = train("qlora_zero2", QLORA, LR="0.01")
+    two_ranks_settings = dict(ranks=2, LR="0.01", DS_CONFIG=ZERO3)
+    first = together(train, {"qlora_zero3_2": (QLORA, two_ranks_settings), "qlora_zero2": (QLORA, dict(LR="0.01"))})
+    two_ranks, one_process = first["qlora_zero3_2"], first["qlora_zero2"]
     assert logged_losses(two_ranks) == pytest.approx(logged_losses(one_process), abs=1e-4)
     assert logged_losses(two_ranks)[-1] < logged_losses(two_ranks)[0]
     checkpoint = two_ranks / f"checkpoint-{STEPS}"
     assert len(deepspeed_files(checkpoint)) == 4  # model and optimizer states of each rank
     assert_holds_only_trained_state(checkpoint, is_lora)
     assert_within_twice_the_trained_state(checkpoint)
-    again = resumed(train, "qlora_zero3_2_resumed", two_ranks, QLORA, ranks=2, LR="0.01",
-                    DS_CONFIG="configs/ds_zero3.json")
+    again = train("qlora_zero3_2_resumed", resume_flags(two_ranks, QLORA), **two_ranks_settings)
     assert_resumed_bitwise(two_ranks, again)
 
 
@@ -277,7 +308,7 @@ def test_the_offload_config_uses_torch_adam():
 
 
 @pytest.mark.slow
-def test_zero3_offload_trains_with_torch_adamw_and_resumes_bitwise(offload, train):
+def test_zero3_offload_trains_with_torch_adamw_and_resumes_bitwise(offload, second_runs):
     losses = logged_losses(offload)
     assert len(losses) == STEPS and losses[-1] < losses[0], losses
     optimizer_files = [path for path in deepspeed_files(offload / f"checkpoint-{STEPS}") if "optim_states" in path.name]
@@ -286,6 +317,4 @@ def test_zero3_offload_trains_with_torch_adamw_and_resumes_bitwise(offload, trai
         groups = load(path)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
         # torch.optim.AdamW's own settings; DeepSpeedCPUAdam's groups have none of them
         assert all(group["fused"] is True and "foreach" in group for group in groups), groups
-    again = resumed(train, "offload_resumed", offload, "", PRECISION="bf16", LR="0.01",
-                    DS_CONFIG="configs/ds_zero3_offload.json")
-    assert_resumed_bitwise(offload, again)
+    assert_resumed_bitwise(offload, second_runs["offload_resumed"])

@@ -199,13 +199,16 @@ def test_zero3_partitioned_model_gives_the_same_loss_and_grads(tmp_path):
     import sys
     from pathlib import Path
 
+    from test_deepspeed import extensions_dir
+
     pytest.importorskip("deepspeed")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(root)}
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(root),
+           "TORCH_EXTENSIONS_DIR": extensions_dir()}
     done = subprocess.run([sys.executable, "-c", ZERO3_CHECK], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import DynamicCache, GlmForCausalLM
 
 from conftest import ROOT, shared_path
+from test_deepspeed import extensions_dir
 from chatglm3_finetune.model.ptuning.prefix_cache import PrefixCache
 from chatglm3_finetune.model.ptuning.prefix_checkpoint import PREFIX_FORMAT, load_prefix_state, read_prefix_settings
 from chatglm3_finetune.model.ptuning.prefix_model import PrefixEncoder, PrefixTuningModel
@@ -529,7 +530,8 @@ def test_zero3_trains_generates_and_saves_the_prefix(tmp_path):
     script = tmp_path / "zero3_prefix.py"
     script.write_text(ZERO3_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "TORCH_EXTENSIONS_DIR": extensions_dir()}
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "saved")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
