@@ -63,10 +63,11 @@ def test_the_trainer_fills_every_auto_value(name):
 
 
 def extensions_dir() -> str:
-    """Where DeepSpeed's just-in-time ops (the CPU comm op every DeepSpeed process loads) are built for
-    the processes these tests start: the caller's TORCH_EXTENSIONS_DIR, else a folder in this virtual
-    environment. Torch's default, one folder per user, is shared by every environment of that user, and
-    each rebuilds the op (and waits on the others' builds) whenever another environment built it last."""
+    """Where DeepSpeed's just-in-time ops are built for the processes these tests start: the caller's
+    TORCH_EXTENSIONS_DIR, else a folder in this virtual environment. finetune.py builds none on the CPU,
+    but the probes that call deepspeed.initialize themselves build its CPU comm op; torch's default,
+    one folder per user, is shared by every environment of that user, and each rebuilds the op (and
+    waits on the others' builds) whenever another environment built it last."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
 
 
