@@ -128,29 +128,16 @@ def runs(train) -> dict:
     })
 
 
-@pytest.fixture(scope="module")
-def pt_zero2(runs):
-    return runs["pt_zero2"]
+def run_fixture(name: str, key: str):
+    """A module fixture `name`: the output folder of the module's run `key` (from its `runs` fixture)."""
+    return pytest.fixture(scope="module", name=name)(lambda runs: runs[key])
 
 
-@pytest.fixture(scope="module")
-def pt_zero3_two_ranks(runs):
-    return runs["pt_zero3_2"]
-
-
-@pytest.fixture(scope="module")
-def pt_ddp_two_ranks(runs):
-    return runs["pt_ddp_2"]
-
-
-@pytest.fixture(scope="module")
-def full_zero2(runs):
-    return runs["full_zero2"]
-
-
-@pytest.fixture(scope="module")
-def full_zero3(runs):
-    return runs["full_zero3"]
+pt_zero2 = run_fixture("pt_zero2", "pt_zero2")
+pt_zero3_two_ranks = run_fixture("pt_zero3_two_ranks", "pt_zero3_2")
+pt_ddp_two_ranks = run_fixture("pt_ddp_two_ranks", "pt_ddp_2")
+full_zero2 = run_fixture("full_zero2", "full_zero2")
+full_zero3 = run_fixture("full_zero3", "full_zero3")
 
 
 def logged_losses(output_dir: Path) -> list[float]:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_deepspeed import extensions_dir, free_port, logged_losses, run_together
-from test_launchers import SAMPLES, run_launcher
+from test_deepspeed import advertise_gen  # noqa: F401 (a module fixture used here)
+from test_deepspeed import extensions_dir, free_port, logged_losses, run_fixture, run_together
+from test_launchers import run_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -35,15 +36,6 @@ RUNS = {  # name: (finetune.py flags, launcher variables)
     "offload": ("", dict(PRECISION="bf16", LR="0.01", DS_CONFIG="configs/ds_zero3_offload.json")),
 }
 RESUMED = ("pt_zero2", "pt_zero3", "lora_zero3", "offload")
-
-
-@pytest.fixture(scope="module")
-def advertise_gen(tmp_path_factory) -> Path:
-    from chatglm3_finetune.data.converters import advertise_gen
-
-    output = tmp_path_factory.mktemp("formatted_data") / "advertise_gen.jsonl"
-    assert advertise_gen.main(["--path", str(SAMPLES / "advertise_gen_train.json"), "--output", str(output)]) == 0
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -90,29 +82,11 @@ def second_runs(train, runs) -> dict:
     return together(train, jobs)
 
 
-@pytest.fixture(scope="module")
-def pt_zero2(runs):
-    return runs["pt_zero2"]
-
-
-@pytest.fixture(scope="module")
-def pt_zero3(runs):
-    return runs["pt_zero3"]
-
-
-@pytest.fixture(scope="module")
-def lora_zero2(runs):
-    return runs["lora_zero2"]
-
-
-@pytest.fixture(scope="module")
-def lora_zero3(runs):
-    return runs["lora_zero3"]
-
-
-@pytest.fixture(scope="module")
-def offload(runs):
-    return runs["offload"]
+pt_zero2 = run_fixture("pt_zero2", "pt_zero2")
+pt_zero3 = run_fixture("pt_zero3", "pt_zero3")
+lora_zero2 = run_fixture("lora_zero2", "lora_zero2")
+lora_zero3 = run_fixture("lora_zero3", "lora_zero3")
+offload = run_fixture("offload", "offload")
 
 
 # ---- reading DeepSpeed checkpoints ---------------------------------------------------------------
