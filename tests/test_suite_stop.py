@@ -41,13 +41,16 @@ def command_line(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stopped_suite_leaves_no_process_behind(tmp_path, signum):
-    """A pytest of its own runs tests/suite_stop_target.py, whose test starts a launcher in a session
-    of its own and a blocking training; once both train, pytest (only pytest) gets the signal."""
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGTERM, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-xdist"])
+def test_a_stopped_suite_leaves_no_process_behind(tmp_path, signum, workers):
+    """A pytest of its own (with `workers`, in pytest-xdist workers) runs tests/suite_stop_target.py,
+    whose test starts a launcher in a session of its own and a blocking training; once both train,
+    pytest (only the main pytest process) gets the signal."""
     marker = f"SUITE_STOP_TEST={uuid.uuid4().hex}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", marker.split("=")[0]: marker.split("=")[1]}
-    suite = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+    env.pop("PYTEST_XDIST_WORKER", None)  # the inner pytest is a suite of its own, whatever runs this test
+    suite = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers), "--basetemp",
                               str(tmp_path / "inner"), "tests/suite_stop_target.py"],
                              cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
@@ -58,8 +61,10 @@ def test_a_stopped_suite_leaves_no_process_behind(tmp_path, signum):
             assert suite.poll() is None and time.monotonic() < deadline, suite.communicate()[0][-3000:]
             time.sleep(0.5)
             trainings = [pid for pid in processes_with(marker) if "finetune.py" in command_line(pid)]
-        log = tmp_path / "inner" / "test_long_trainings0" / "launched" / "train.log"
-        while "'loss':" not in (log.read_text() if log.exists() else ""):
+        def log_text() -> str:  # xdist gives each worker a folder of its own under --basetemp
+            return "".join(log.read_text() for log in (tmp_path / "inner").rglob("launched/train.log"))
+
+        while "'loss':" not in log_text():
             assert suite.poll() is None and time.monotonic() < deadline, suite.communicate()[0][-3000:]
             time.sleep(0.5)
         started = processes_with(marker)
