@@ -3,14 +3,14 @@
 
     bash benchmarks/gpu_check.sh              # on a GPU machine (gpu_check.sh: the wheels to carry)
     bash benchmarks/gpu_check.sh --cpu        # the same at full 6B shape on a CPU (< 24 GiB of RAM)
-    bash benchmarks/gpu_check.sh --dry        # tiny shapes: every case's code path (the test suite)
+    bash benchmarks/gpu_check.sh --dry        # tiny shapes on the CPU: every case's code path
 
 It writes a random-weight ChatGLM3 checkpoint in the original THUDM layout shard by shard and converts
-it with scripts/convert_chatglm3.py; then per case (gpu_check_cases.py) it runs the launcher a user
+it with scripts/convert_chatglm3.py; then per case (gpu_check_lib/cases.py) it runs the launcher a user
 would run for a few steps, a resume of one more step, inference.py on the result and, for P-Tuning,
-api_server.py answering one request (gpu_check_case.py). A probe on every process's PYTHONPATH
+api_server.py answering one request (gpu_check_lib/case.py). A probe on every process's PYTHONPATH
 (gpu_check_probe/sitecustomize.py) records peak memory and step times. The rules that fail a case are
-in gpu_check_report.py; the exit status is 1 when one failed. docs/gpu-check.md has the details.
+in gpu_check_lib/report.py; the exit status is 1 when one failed. docs/gpu-check.md has the details.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 launcher for a few steps, a resume of one more step, for a packed case the same records unpacked,
 then inference.py on the result and, where asked, api_server.py answering one request. What each
 run left behind (exit status, logs, trainer state, checkpoint files, the probe's records) becomes
-the case's row (gpu_check_report.py holds the rules)."""
+the case's row (report.py holds the rules)."""
 
 from __future__ import annotations
 

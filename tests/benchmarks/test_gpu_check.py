@@ -85,7 +85,7 @@ def test_table_shows_measured_planned_and_why():
 
 def test_original_layout_checkpoint_matches_the_shared_one_and_converts(tmp_path):
     """The tiny shape is ../shared/data/chatglm3-tiny-original's: same config keys, same tensor names
-    and shapes; scripts/convert_chatglm3.py converts what gpu_check_model writes."""
+    and shapes; scripts/convert_chatglm3.py converts what gpu_check_lib/model.py writes."""
     import torch
 
     tokenizer = shared_path("chatglm3-tokenizer")
