@@ -3,7 +3,7 @@
 
     bash benchmarks/gpu_check.sh              # on a GPU machine (gpu_check.sh: the wheels to carry)
     bash benchmarks/gpu_check.sh --cpu        # the same at full 6B shape on a CPU (< 24 GiB of RAM)
-    bash benchmarks/gpu_check.sh --dry        # tiny shapes on the CPU: every case's code path
+    bash benchmarks/gpu_check.sh --dry        # tiny shapes on the CPU: every case's code path (the test suite)
 
 It writes a random-weight ChatGLM3 checkpoint in the original THUDM layout shard by shard and converts
 it with scripts/convert_chatglm3.py; then per case (gpu_check_lib/cases.py) it runs the launcher a user

@@ -123,15 +123,14 @@ def test_synthetic_conversations_have_the_exact_token_counts(real_tokenizer):
     assert len(encode_prompt_response(real_tokenizer, record).input_ids) == 64
 
 
-# The cases the suite trains in --dry: between them every path of the check (the server, a quantized
-# base with LoRA, the packed row against its unpacked twin, P-Tuning under DeepSpeed on two ranks).
-# The other cases differ from these only in launcher variables, checked below without training;
-# `bash benchmarks/gpu_check.sh --dry` trains them all (docs/gpu-check.md).
+# --dry's cases in two files (two pytest-xdist workers can take one each): here the ones that between
+# them take every path of the check (the server, a quantized base with LoRA, the packed row against its
+# unpacked twin, P-Tuning under DeepSpeed on two ranks); test_gpu_check_dry_others.py the rest.
 DRY_CASES = ["ptuning", "qlora", "packing", "zero2_ptuning"]
 
 
-@pytest.mark.parametrize("name", [c for c in CASES if c not in DRY_CASES])
-def test_every_other_case_gives_its_launcher_a_command_finetune_accepts(name, tmp_path):
+@pytest.mark.parametrize("name", CASES)
+def test_every_case_gives_its_launcher_a_command_finetune_accepts(name, tmp_path):
     """The launcher's DRY_RUN=1 command for the case, as --dry would run it, parses as finetune.py's
     options and carries the case's quantization, DeepSpeed config and ranks."""
     import shlex
@@ -154,30 +153,49 @@ def test_every_other_case_gives_its_launcher_a_command_finetune_accepts(name, tm
         assert f"--nproc_per_node={mode.deepspeed_ranks}" in words
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_runs_its_cases_with_save_resume_and_inference(tmp_path):
+def run_dry(tmp_path, names: list[str]) -> tuple[dict, dict]:
+    """`gpu_check.sh --dry --cases NAMES`: (the JSON summary, its rows by case), once it exited 0."""
     shared_path("chatglm3-tokenizer")
     out = tmp_path / "gpu_check.json"
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", "--json", str(out),
-                          "--work", str(tmp_path / "work"), "--cases", *DRY_CASES], capture_output=True, text=True,
+                          "--work", str(tmp_path / "work"), "--cases", *names], capture_output=True, text=True,
                          timeout=1200, cwd=str(tmp_path), env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "peak RSS GB" in run.stdout and "planned GB" in run.stdout
     summary = json.loads(out.read_text())
+    assert summary["versions"]["torch"]
     rows = {r["case"]: r for r in summary["cases"]}
-    assert list(rows) == DRY_CASES
-    assert summary["versions"]["torch"] and "peak RSS GB" in run.stdout and "planned GB" in run.stdout
+    assert list(rows) == names
+    return summary, rows
+
+
+def check_trained(rows: dict) -> None:
+    """Every case ok: saved, resumed, answered, its losses near ln(65024) and falling, its checkpoint
+    under its limit."""
     for case, r in rows.items():
         assert r["status"] == "ok", (case, r["reason"])
         assert r["saved"] and r["resumed"] and r["inference"], case
         losses = [r["losses"][step] for step in ("1", "2")]
-        assert 5 < losses[1] < losses[0] < 15, case  # near ln(65024), falling
+        assert 5 < losses[1] < losses[0] < 15, case
         assert r["peak_rss_bytes"] > 100e6 and r["step_s"] > 0 and r["trainable_parameters"] > 0, case
         assert r["checkpoint_bytes"] <= r["checkpoint_limit_bytes"], case
-    prefix = 128 * 2 * 2 * 2 * 8  # pre_seq_len x 2 layers x (key, value) x 2 kv heads x 8 channels
-    assert rows["ptuning"]["server"] is True and rows["ptuning"]["trainable_parameters"] == prefix
+
+
+def probed_ranks(tmp_path, case: str) -> list[str]:
+    probes = (tmp_path / "work" / "probes" / case / "train").glob("*.json")
+    return sorted(json.loads(p.read_text())["rank"] for p in probes)
+
+
+PREFIX = 128 * 2 * 2 * 2 * 8  # pre_seq_len x 2 layers x (key, value) x 2 kv heads x 8 channels
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_runs_its_cases_with_save_resume_and_inference(tmp_path):
+    _, rows = run_dry(tmp_path, DRY_CASES)
+    check_trained(rows)
+    assert rows["ptuning"]["server"] is True and rows["ptuning"]["trainable_parameters"] == PREFIX
     # P-Tuning under ZeRO-2: the checkpoint holds the prefix and its optimizer state, not the base.
-    assert rows["zero2_ptuning"]["trainable_parameters"] == prefix
-    assert rows["zero2_ptuning"]["checkpoint_bytes"] < 20 * prefix + (2 << 20) < 4 * model.parameter_count("tiny")
+    assert rows["zero2_ptuning"]["trainable_parameters"] == PREFIX
+    assert rows["zero2_ptuning"]["checkpoint_bytes"] < 20 * PREFIX + (2 << 20) < 4 * model.parameter_count("tiny")
     assert abs(rows["packing"]["losses"]["1"] - rows["packing"]["unpacked_loss"]) < 1e-4
-    probes = list((tmp_path / "work" / "probes" / "zero2_ptuning" / "train").glob("*.json"))
-    assert sorted(json.loads(p.read_text())["rank"] for p in probes) == ["0", "1"]  # two CPU ranks, each probed
+    assert probed_ranks(tmp_path, "zero2_ptuning") == ["0", "1"]  # two CPU ranks, each probed
