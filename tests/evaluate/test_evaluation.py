@@ -15,7 +15,6 @@ from transformers import EvalPrediction
 
 from chatglm3_finetune.format.chat_parsing import ToolCall
 from conftest import ROOT
-from test_deepspeed import extensions_dir
 from chatglm3_finetune.data.collation import GenerationCollator
 from chatglm3_finetune.evaluate.evaluation import (GenerationEval, build_eval_items, decode_generated, generate_new_tokens,
                         prediction_rows, score_items)
@@ -231,8 +230,7 @@ def test_finetune_predict_with_generate_under_zero3(tiny_model_dir, tmp_path, ca
                "--max_target_length", "8", "--output_dir", str(out), "--use_cpu", "--save_strategy", "no",
                "--report_to", "none", "--deepspeed", str(config), "--preprocessing_cache_dir", str(tmp_path / "c")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": extensions_dir()}
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 

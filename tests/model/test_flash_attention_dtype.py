@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from test_deepspeed import extensions_dir, free_port
+from test_deepspeed import free_port
 
 PROBE = textwrap.dedent("""
     import json, sys
@@ -61,7 +61,7 @@ def attention_dtypes(tiny_model_dir, formatted_samples, tmp_path_factory):
               "--attn_implementation", "dtype_probe", "--preprocessing_cache_dir", str(folder / "cache")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "TORCH_EXTENSIONS_DIR": extensions_dir()}
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     result = subprocess.run([sys.executable, str(script), json.dumps(common), json.dumps(RUNS), str(folder)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     seen = {tuple(flags): dtypes for flags, dtypes in

@@ -5,9 +5,7 @@ Every run trains on the same 4 records with a global batch of 4 and no dropout, 
 the same batch: one process, two DeepSpeed ranks and two DDP ranks must log the same losses."""
 
 import json
-import os
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,15 +60,6 @@ def test_the_trainer_fills_every_auto_value(name):
             {"cpu"} if offload else {None})
 
 
-def extensions_dir() -> str:
-    """Where DeepSpeed's just-in-time ops are built for the processes these tests start: the caller's
-    TORCH_EXTENSIONS_DIR, else a folder in this virtual environment. finetune.py builds none on the CPU,
-    but the probes that call deepspeed.initialize themselves build its CPU comm op; torch's default,
-    one folder per user, is shared by every environment of that user, and each rebuilds the op (and
-    waits on the others' builds) whenever another environment built it last."""
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
-
-
 def run_together(jobs: dict) -> dict:
     """{name: a function that runs a launcher} -> {name: what it returned}: the jobs CONCURRENT_RUNS at a
     time (each runs its own processes; the threads only wait for them)."""
@@ -100,7 +89,7 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     def run(name: str, launcher: str = "finetune_ds.sh", ranks: int = 1, extra: str = "", **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            launcher, USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), TORCH_EXTENSIONS_DIR=extensions_dir(),
+            launcher, USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(),
             BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=4 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64,
@@ -244,7 +233,7 @@ def test_a_damaged_deepspeed_checkpoint_is_refused_before_anything_changes(full_
 
     def rerun(steps):
         return run_launcher("finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, MASTER_PORT=free_port(),
-                            TORCH_EXTENSIONS_DIR=extensions_dir(),
+                           
                             BASE_MODEL_PATH=tiny_model_dir, DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir,
                             MAX_STEP=steps, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1, DEV_BATCH_SIZE=4,
                             GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64, LR="0.01",

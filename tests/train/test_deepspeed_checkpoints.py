@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_deepspeed import advertise_gen  # noqa: F401 (a module fixture used here)
-from test_deepspeed import extensions_dir, free_port, logged_losses, run_fixture, run_together
+from test_deepspeed import free_port, logged_losses, run_fixture, run_together
 from test_launchers import run_launcher
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def train(tiny_model_dir, advertise_gen, tmp_path_factory):
     def run(name: str, extra: str, ranks: int = 1, **variables) -> Path:
         output_dir = tmp_path_factory.mktemp(name) / "run"
         result = run_launcher(
-            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(), TORCH_EXTENSIONS_DIR=extensions_dir(),
+            "finetune_ds.sh", USE_CPU=1, NUM_GPUS=ranks, MASTER_PORT=free_port(),
             BASE_MODEL_PATH=tiny_model_dir,
             DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=2, LOGGING_STEPS=1,
             DEV_BATCH_SIZE=2 // ranks, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=32, MAX_TARGET_LEN=32, SAVE_EVERY_MINUTES=0,

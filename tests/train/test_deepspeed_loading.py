@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_deepspeed import extensions_dir, free_port, logged_losses, run_together
+from test_deepspeed import free_port, logged_losses, run_together
 from test_launchers import SAMPLES, run_launcher
 
 STEPS = 3
@@ -29,7 +29,6 @@ def advertise_gen(tmp_path_factory) -> Path:
 def train_bf16(tiny_model_dir, data, output_dir: Path, config: str, torch_dtype: str):
     result = run_launcher(
         "finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, PRECISION="bf16", MASTER_PORT=free_port(), BASE_MODEL_PATH=tiny_model_dir,
-        TORCH_EXTENSIONS_DIR=extensions_dir(),
         DATASET_PATH=data, OUTPUT_DIR=output_dir, MAX_STEP=STEPS, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1, LR="0.01",
         DEV_BATCH_SIZE=4, GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64, DS_CONFIG=config,
         EXTRA_ARGS=f"--report_to none --max_train_samples 4 --disable_tqdm true --torch_dtype {torch_dtype} "
