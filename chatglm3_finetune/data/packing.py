@@ -3,9 +3,10 @@
 `pack_features` places whole records into rows of at most `max_length` tokens (best-fit
 decreasing: longest record first, into the fullest row that still has room; deterministic).
 Inside a row each record keeps its own positions (restarting at 0) and its first label is -100,
-so no record predicts across a boundary; the attention mask confines every record to itself.
+so no record predicts across a boundary; packed attention (model/packed_attention.py) confines
+every record to itself.
 
-The batches of packed rows (a block-diagonal mask, or padding-free) are made in collation.py.
+Batches of packed rows (one padding-free row, no mask) are made in collation.py.
 """
 
 from __future__ import annotations
