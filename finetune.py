@@ -54,7 +54,9 @@ logger = logging.getLogger("finetune")
 
 
 def fail(message: str, exit_code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One write, not print's two: the ranks of a run that fail together then never merge their lines.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(exit_code)
 
 

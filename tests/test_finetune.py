@@ -58,6 +58,19 @@ def test_a_user_mistake_exits_2_without_traceback_from_a_real_process(tiny_model
     assert_bad_record_refused(run_finetune(*common_args(tiny_model_dir, str(data), tmp_path / "o"), check=False), data)
 
 
+def test_an_error_is_written_in_one_piece(monkeypatch):
+    """Ranks that fail together write to one pipe: a line written in pieces could merge with theirs."""
+    import finetune
+
+    writes = []
+    monkeypatch.setattr("sys.stderr", type("Stderr", (), {"write": lambda self, text: writes.append(text),
+                                                          "flush": lambda self: None})())
+    with pytest.raises(SystemExit) as stopped:
+        finetune.fail("--model_name_or_path models/x: no such folder")
+    assert stopped.value.code == 2
+    assert writes == ["error: --model_name_or_path models/x: no such folder\n"]
+
+
 def test_pre_seq_len_must_agree_with_the_checkpoint(tiny_model_dir, formatted_samples, tmp_path, finetune_in_process):
     from transformers import AutoModelForCausalLM
 
