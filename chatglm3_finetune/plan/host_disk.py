@@ -55,10 +55,12 @@ def host_memory_at_load(model_path: str, config, total_params: int, load_dtype: 
         per_process = largest + load_bytes // max(world_size, 1)
         how = ("ZeRO-3 materializes each process's partition, reading one checkpoint file at a time"
                + ("" if files else "; the folder holds no weight files to size"))
-    elif saved and DTYPE_BYTES.get(saved) == load_bytes / max(total_params, 1) and files:
+    elif saved == str(load_dtype).replace("torch.", ""):  # bf16 and fp16 are the same size, not the same values
         per_process = load_bytes
         how = (f"each process maps the whole model from the checkpoint files ({saved}, the load dtype): "
-               f"the processes of a node share one copy")
+               f"the processes of a node share one copy"
+               + ("" if files else f"; the folder holds no weight files: planned as stored in {saved}, "
+                                   f"as its config says"))
         return {"per_process_bytes": int(per_process), "per_node_bytes": int(per_process),
                 "checkpoint_files_bytes": files, "checkpoint_dtype": saved, "how": how}
     else:

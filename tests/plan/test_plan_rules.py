@@ -8,7 +8,7 @@ import torch
 from chatglm3_finetune.plan.cards import GIB, closest_card, parse_memory
 from chatglm3_finetune.plan.deepspeed_rules import zero_dtype, zero_memory, zero_settings
 from chatglm3_finetune.plan.flops import batch_flops, recompute_flops
-from chatglm3_finetune.plan.host_disk import checkpoint_bytes, run_disk
+from chatglm3_finetune.plan.host_disk import checkpoint_bytes, host_memory_at_load, run_disk
 from chatglm3_finetune.plan.quantized import quantized_layout
 from conftest import ROOT
 
@@ -124,3 +124,47 @@ def test_checkpoint_and_run_disk():
     assert run_disk(100, 10, steps=1000, save_steps=300, save_total_limit=None) == {
         "checkpoints_written": 3, "checkpoints_kept": 3, "run_bytes": 310}
     assert run_disk(100, 10, steps=1000, save_steps=100, save_total_limit=2)["run_bytes"] == 210
+
+
+def model_folder(folder, dtype, shard_sizes=()):
+    """A model folder with a config naming `dtype` and weight files of the sizes given."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dtype": dtype}))
+    for index, size in enumerate(shard_sizes):
+        (folder / f"model-{index}.safetensors").write_bytes(b"\0" * size)
+    return folder
+
+
+def host(folder, load_dtype=torch.bfloat16, quantized=False, zero_stage=None, processes=4, params=1000):
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(dtype=json.loads((folder / "config.json").read_text())["dtype"])
+    return host_memory_at_load(str(folder), config, params, load_dtype, quantized, zero_stage,
+                               gpus_per_node=processes, world_size=processes)
+
+
+def test_host_memory_at_load(tmp_path):
+    stored_bf16 = model_folder(tmp_path / "bf16", "bfloat16", (1200, 800))
+    mapped = host(stored_bf16)  # stored as loaded: mapped, the processes of a node share the pages
+    assert (mapped["per_process_bytes"], mapped["per_node_bytes"], mapped["checkpoint_files_bytes"]) == (2000, 2000, 2000)
+    assert "share one copy" in mapped["how"]
+
+    cast = host(model_folder(tmp_path / "fp16", "float16", (2000,)))  # every process casts its own copy
+    assert (cast["per_process_bytes"], cast["per_node_bytes"]) == (2000, 8000)
+    widened = host(stored_bf16, load_dtype=torch.float32)
+    assert (widened["per_process_bytes"], widened["per_node_bytes"]) == (4000, 16000) and "widened" in widened["how"]
+
+    config_only = host(model_folder(tmp_path / "config", "bfloat16"))  # planned before the weights are there
+    assert config_only["per_node_bytes"] == 2000 and "as its config says" in config_only["how"]
+
+    zero3 = host(stored_bf16, zero_stage=3)  # a partition each, plus the file being read
+    assert zero3["per_process_bytes"] == 1200 + 2000 // 4 and zero3["per_node_bytes"] == 4 * (1200 + 500)
+    quantized = host(stored_bf16, quantized=True)  # to the GPU as it loads, a file at a time
+    assert quantized["per_process_bytes"] == 1200
+
+
+def test_the_6b_config_is_what_the_conversion_writes():
+    from chatglm3_finetune.model.conversion import DEFAULT_DTYPE
+
+    assert config("chatglm3-6b/config.json")["dtype"] == str(DEFAULT_DTYPE).replace("torch.", "")
+
