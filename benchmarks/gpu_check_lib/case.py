@@ -233,17 +233,24 @@ class Check:
             report.fail(row, problem)
 
     def compare_unpacked(self, row: dict, case: cases.Case) -> None:
-        say(f"{case.name}: the same records unpacked, one padded batch")
+        """The same records unpacked, trained as the packed run was (its steps, then a resume of one
+        more): the losses of every step must agree, the resumed one included."""
+        say(f"{case.name}: the same records unpacked, one padded batch, the same steps and resume")
         twin = cases.reference_case(case)
         output_dir = self.work / "runs" / twin.name
         shutil.rmtree(output_dir, ignore_errors=True)
-        run = self.launch(twin, "unpacked", output_dir, 1, batch_size=self.data[case.data]["records"])
-        unpacked = runs.logged_losses(output_dir).get(1) if run.ok else None
-        row["unpacked_loss"] = unpacked
+        batch_size = self.data[case.data]["records"]
+        run = self.launch(twin, "unpacked", output_dir, self.mode.steps, batch_size=batch_size)
+        if run.ok:
+            run = self.launch(twin, "unpacked_resume", output_dir, self.mode.steps + 1, batch_size=batch_size)
+        unpacked = runs.logged_losses(output_dir)
+        row["unpacked_loss"] = unpacked.get(1)
+        row["unpacked_losses"] = {str(step): loss for step, loss in sorted(unpacked.items())}
         if not run.ok:
             report.fail(row, f"the unpacked run failed: {run.failure()}")
             return
-        problem = report.packed_problem(row["losses"].get("1"), unpacked, report.PACKED_LOSS_TOLERANCE[self.mode.name])
+        problem = report.packed_problem({int(k): v for k, v in row["losses"].items()}, unpacked,
+                                        report.PACKED_LOSS_TOLERANCE[self.mode.name])
         if problem:
             report.fail(row, problem)
 

@@ -47,7 +47,7 @@ class Case:
     env: dict = field(default_factory=dict)
     args: tuple[str, ...] = ()  # finetune.py flags after the launcher's own
     quantization_bit: int | None = None
-    packed_reference: bool = False  # also train the same records unpacked: the first losses must agree
+    packed_reference: bool = False  # also train the same records unpacked, the same steps and resume: every loss must agree
     server: bool = False  # also serve the result with api_server.py and ask it one question
     needs: tuple[str, ...] = ()  # modules that must import, else the case is skipped with the reason
     attention: str = "sdpa"

@@ -48,12 +48,14 @@ def loss_problem(losses: dict[int, float], expected_steps: int) -> str | None:
     return None
 
 
-def packed_problem(packed: float | None, unpacked: float | None, tolerance: float) -> str | None:
-    """The first-step loss of a packed row equals that of the same records in a padded batch."""
-    if packed is None or unpacked is None:
-        return "no first-step loss to compare packed with unpacked"
-    if not (math.isfinite(packed) and math.isfinite(unpacked)) or abs(packed - unpacked) > tolerance:
-        return f"packed loss {packed:.5f} differs from unpacked {unpacked:.5f} by more than {tolerance:g}"
+def packed_problem(packed: dict[int, float], unpacked: dict[int, float], tolerance: float) -> str | None:
+    """Each step's loss of a packed row equals that of the same records in a padded batch."""
+    if not packed or sorted(packed) != sorted(unpacked):
+        return f"losses to compare: packed at steps {sorted(packed)}, unpacked at steps {sorted(unpacked)}"
+    for step in sorted(packed):
+        a, b = packed[step], unpacked[step]
+        if not (math.isfinite(a) and math.isfinite(b)) or abs(a - b) > tolerance:
+            return f"step {step}: packed loss {a:.5f} differs from unpacked {b:.5f} by more than {tolerance:g}"
     return None
 
 

@@ -45,12 +45,13 @@ def test_a_loss_must_be_logged_every_step_finite_and_fall():
     assert "expected 1..4" in problem({1: 11.1, 2: 11.0, 4: 10.0}, 4)
 
 
-def test_packed_and_unpacked_first_losses_must_agree():
+def test_packed_and_unpacked_losses_must_agree_at_every_step():
     problem = report.packed_problem
-    assert problem(11.0501, 11.0500, 1e-3) is None
-    assert "differs from unpacked" in problem(11.06, 11.05, 1e-3)
-    assert "differs" in problem(float("nan"), 11.05, 1e-3)
-    assert "no first-step loss" in problem(None, 11.05, 1e-3)
+    assert problem({1: 11.0501, 2: 9.07}, {1: 11.0500, 2: 9.0705}, 1e-3) is None
+    assert "step 2: packed loss 9.07000 differs from unpacked 9.08000" in problem({1: 11.05, 2: 9.07}, {1: 11.05, 2: 9.08}, 1e-3)
+    assert "step 1" in problem({1: float("nan"), 2: 9.07}, {1: 11.05, 2: 9.07}, 1e-3)
+    assert "unpacked at steps [1]" in problem({1: 11.05, 2: 9.07}, {1: 11.05}, 1e-3)
+    assert "packed at steps []" in problem({}, {1: 11.05}, 1e-3)
 
 
 def test_a_checkpoint_holding_frozen_weights_fails():
@@ -197,5 +198,7 @@ def test_gpu_check_dry_runs_its_cases_with_save_resume_and_inference(tmp_path):
     # P-Tuning under ZeRO-2: the checkpoint holds the prefix and its optimizer state, not the base.
     assert rows["zero2_ptuning"]["trainable_parameters"] == PREFIX
     assert rows["zero2_ptuning"]["checkpoint_bytes"] < 20 * PREFIX + (2 << 20) < 4 * model.parameter_count("tiny")
-    assert abs(rows["packing"]["losses"]["1"] - rows["packing"]["unpacked_loss"]) < 1e-4
+    packed, unpacked = rows["packing"]["losses"], rows["packing"]["unpacked_losses"]
+    assert packed.keys() == unpacked.keys() == {"1", "2"}  # the first step and the resumed one
+    assert all(abs(packed[step] - unpacked[step]) < 1e-4 for step in packed)
     assert probed_ranks(tmp_path, "zero2_ptuning") == ["0", "1"]  # two CPU ranks, each probed
