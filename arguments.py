@@ -362,9 +362,12 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, training
         if problem:  # before anything hashes or reads it: a device or a named pipe would never end
             raise OptionError(f"--{name} {problem}")
     if not os.path.isdir(model_args.model_name_or_path):
+        planning = ("; to plan before the weights are there: --model_name_or_path configs/chatglm3-6b "
+                    "(BASE_MODEL_PATH=configs/chatglm3-6b), ChatGLM3-6B's config alone"
+                    if getattr(training_args, "plan", False) else "")
         raise OptionError(f"--model_name_or_path {model_args.model_name_or_path}: no such folder "
                           f"(models load from local folders only; convert an original ChatGLM3 folder with "
-                          f"scripts/convert_chatglm3.py)")
+                          f"scripts/convert_chatglm3.py{planning})")
     if model_args.quantization_bit not in (None, 4, 8):
         raise OptionError(f"--quantization_bit must be 4 or 8, got {model_args.quantization_bit}")
     if model_args.quantization_bit and model_args.tuning_method == "full":

@@ -58,6 +58,16 @@ def test_without_data_the_plan_uses_the_caps(finetune_in_process, model_and_data
     assert "as long as the caps" in plan["rows_source"] and plan["batch"]["padded_length"] == 256
 
 
+def test_a_plan_without_the_model_folder_names_the_config_to_plan_with(finetune_in_process, model_and_data, tmp_path):
+    _, data = model_and_data
+    result = finetune_in_process(*options(tmp_path / "chatglm3-6b", data, tmp_path / "run", "--plan"))
+    assert result.returncode == 2
+    assert "no such folder" in result.stderr and "--model_name_or_path configs/chatglm3-6b" in result.stderr
+    assert (ROOT / "configs" / "chatglm3-6b" / "config.json").is_file()
+    run = finetune_in_process(*options(tmp_path / "chatglm3-6b", data, tmp_path / "run"))
+    assert run.returncode == 2 and "configs/chatglm3-6b" not in run.stderr  # a run needs the weights
+
+
 def test_a_deepspeed_run_on_four_gpus_is_planned_per_process(finetune_in_process, model_and_data, tmp_path):
     model, data = model_and_data
     path = tmp_path / "plan.json"
