@@ -244,7 +244,6 @@ class Check:
         if run.ok:
             run = self.launch(twin, "unpacked_resume", output_dir, self.mode.steps + 1, batch_size=batch_size)
         unpacked = runs.logged_losses(output_dir)
-        row["unpacked_loss"] = unpacked.get(1)
         row["unpacked_losses"] = {str(step): loss for step, loss in sorted(unpacked.items())}
         if not run.ok:
             report.fail(row, f"the unpacked run failed: {run.failure()}")
