@@ -10,7 +10,7 @@
 # exits 1 when a case failed. docs/gpu-check.md explains the table and holds the last results.
 #
 #   bash benchmarks/gpu_check.sh                    # on a GPU machine; cases that would start after 450 s are skipped
-#   bash benchmarks/gpu_check.sh --cpu              # the 6B rehearsal on this CPU (< 17 GB RSS; 60-90 min on 2 busy cores)
+#   bash benchmarks/gpu_check.sh --cpu              # the 6B rehearsal on this CPU (< 20 GB RSS; about 90 min on 2 busy cores)
 #   bash benchmarks/gpu_check.sh --dry              # tiny shapes on the CPU, every case's code path (12-15 min)
 #   bash benchmarks/gpu_check.sh --cases ptuning lora --json out.json
 #

@@ -233,7 +233,6 @@ def test_a_damaged_deepspeed_checkpoint_is_refused_before_anything_changes(full_
 
     def rerun(steps):
         return run_launcher("finetune_ds.sh", USE_CPU=1, NUM_GPUS=1, MASTER_PORT=free_port(),
-                           
                             BASE_MODEL_PATH=tiny_model_dir, DATASET_PATH=advertise_gen, OUTPUT_DIR=output_dir,
                             MAX_STEP=steps, SAVE_INTERVAL=STEPS, LOGGING_STEPS=1, DEV_BATCH_SIZE=4,
                             GRAD_ACCUMULARION_STEPS=1, MAX_SOURCE_LEN=64, MAX_TARGET_LEN=64, LR="0.01",

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from test_deepspeed import advertise_gen  # noqa: F401 (a module fixture used here)
 from test_deepspeed import free_port, logged_losses, run_together
-from test_launchers import SAMPLES, run_launcher
+from test_launchers import run_launcher
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def advertise_gen(tmp_path_factory) -> Path:
-    from chatglm3_finetune.data.converters import advertise_gen
-
-    output = tmp_path_factory.mktemp("formatted_data") / "advertise_gen.jsonl"
-    assert advertise_gen.main(["--path", str(SAMPLES / "advertise_gen_train.json"), "--output", str(output)]) == 0
-    return output
 
 
 def train_bf16(tiny_model_dir, data, output_dir: Path, config: str, torch_dtype: str):
