@@ -3,11 +3,16 @@
 # own CUDA torch but no network: wheels/ (the project's pinned pure-Python needs for Python 3.12,
 # deepspeed built here without ops, bitsandbytes cut down to its CUDA 13.0 and CPU kernels) and
 # tokenizer/ (the real ChatGLM3 tokenizer files). Prints each wheel's size and the total, which must
-# stay under the device tool's 60 MB.
+# stay under the device tool's 64 MiB carry limit.
 #
 #   bash benchmarks/gpu_check_wheels.sh              # versions: requirements.txt, else this .venv's
 #   TOKENIZER_DIR=path/to/chatglm3-6b bash benchmarks/gpu_check_wheels.sh
 set -euo pipefail
+case "${1:-}" in
+    "") ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $1: this script takes none (PYTHON and TOKENIZER_DIR come from the environment; see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 TOKENIZER_DIR=${TOKENIZER_DIR:-../shared/data/chatglm3-tokenizer}
@@ -17,8 +22,11 @@ DEST=.gpu_check
 PACKAGES=(transformers peft datasets dill multiprocess xxhash hjson pydantic pydantic-core annotated-types
           typing-inspection typing-extensions fastapi starlette uvicorn opentelemetry-api)
 
-exclude=$(git rev-parse --git-path info/exclude)
-grep -qx "/$DEST/" "$exclude" 2> /dev/null || echo "/$DEST/" >> "$exclude"
+# A clone may lack .git/info; outside a git checkout there is nothing to keep .gpu_check out of.
+if exclude=$(git rev-parse --git-path info/exclude 2> /dev/null); then
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx "/$DEST/" "$exclude" 2> /dev/null || echo "/$DEST/" >> "$exclude"
+fi
 rm -rf "$DEST/wheels" && mkdir -p "$DEST/wheels" "$DEST/tokenizer"
 
 version() {  # the pin in requirements.txt, else the version installed in this .venv
