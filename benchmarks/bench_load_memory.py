@@ -102,8 +102,10 @@ def child_rank(spec: dict) -> dict:
     import torch.distributed as dist
 
     from arguments import parse_args
+    from chatglm3_finetune.compat import skip_deepspeed_cpu_shared_memory_op
     from chatglm3_finetune.model.loading import load_for_training
 
+    skip_deepspeed_cpu_shared_memory_op()  # as finetune.py does: nothing to compile
     model_args, _, training_args = parse_args([
         "--model_name_or_path", spec["model"], "--train_format", "input-output", "--do_train",
         "--train_file", str(SAMPLE_DATA), "--output_dir", spec["output_dir"], "--use_cpu", "--bf16",

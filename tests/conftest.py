@@ -22,6 +22,19 @@ def pytest_configure(config):
     suite_processes.install()  # SIGTERM stops the suite and kills what the tests started
 
 
+# The test files that take longest (minutes each, measured with --durations=0), in that order. They are
+# collected first so that the two xdist workers start them at once and finish together: by its own
+# rule xdist would hand out the files with the most tests first, and these, with few tests, last.
+LONGEST_FILES = ["benchmarks/test_gpu_check_dry_others.py", "benchmarks/test_gpu_check.py", "test_first_contact.py",
+                 "test_launchers.py", "train/test_deepspeed_checkpoints.py", "benchmarks/test_bench_load_memory.py",
+                 "train/test_final_save.py", "train/test_deepspeed.py", "test_suite_stop.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {str(ROOT / "tests" / name): position for position, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))  # stable: the rest keep their order
+
+
 def pytest_keyboard_interrupt(excinfo):
     """Ctrl-C, and the stop SIGTERM turns into: nothing the tests started outlives the suite."""
     suite_processes.kill_suite_processes()

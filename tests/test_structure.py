@@ -155,3 +155,10 @@ def test_tests_mirror_the_package():
     folders = {str(path.relative_to(ROOT)) for path in tests.rglob("*") if path.is_dir() and path.name != "__pycache__"}
     listed = set(re.search(r"^pythonpath\s*=\s*(.*)$", (ROOT / "pytest.ini").read_text(), re.M).group(1).split())
     assert folders | {"tests"} <= listed, f"pytest.ini pythonpath misses {sorted(folders - listed)}"
+
+
+def test_the_longest_files_that_run_first_exist():
+    from conftest import LONGEST_FILES
+
+    missing = [name for name in LONGEST_FILES if not (ROOT / "tests" / name).is_file()]
+    assert missing == [], "conftest.LONGEST_FILES names test files that are gone: rename or drop them there"

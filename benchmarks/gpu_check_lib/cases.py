@@ -23,6 +23,7 @@ class Mode:
     frozen_base_args: tuple[str, ...] = ()  # finetune.py flags of the P-Tuning and LoRA cases
     serialize_big: bool = False  # run every process under the big-memory lock, one at a time
     device: str = "cuda"
+    peak_dtype: str = "bfloat16"  # the dtype the cases train in, whose matmul peak the MFU is taken against
 
 
 MODES = {
@@ -33,8 +34,9 @@ MODES = {
     "cpu": Mode("cpu", "6b", "small", tokens=32, pack_lengths=(20, 12), steps=1, deepspeed_ranks=2,
                 env={"USE_CPU": "1", "PRECISION": "bf16"}, frozen_base_args=("--torch_dtype", "bfloat16"),
                 serialize_big=True, device="cpu"),
+    # fp32, as USE_CPU's PRECISION=auto trains (a CPU without bf16 instructions takes minutes for a bf16 peak)
     "dry": Mode("dry", "tiny", "tiny", tokens=64, pack_lengths=(28, 20, 16), steps=1, deepspeed_ranks=2,
-                env={"USE_CPU": "1"}, device="cpu"),
+                env={"USE_CPU": "1"}, device="cpu", peak_dtype="float32"),
 }
 
 

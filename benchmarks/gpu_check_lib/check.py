@@ -50,9 +50,10 @@ def importable(module: str, python: str) -> str | None:
 
 
 def matmul_peak(mode: cases.Mode, python: str) -> float | None:
-    """bf16 FLOP/s of a square matmul on the device (bench_train.matmul_peak), in a process of its own."""
+    """FLOP/s of a square matmul in the mode's training dtype on its device (bench_train.matmul_peak), in a
+    process of its own."""
     code = ("import runpy, torch; peak = runpy.run_path('benchmarks/bench_train.py')['matmul_peak']; "
-            f"print(peak('{mode.device}', torch.bfloat16)[0])")
+            f"print(peak('{mode.device}', torch.{mode.peak_dtype})[0])")
     result = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     try:
         return float(result.stdout.strip().splitlines()[-1])
@@ -156,7 +157,7 @@ def run_check(args) -> int:
     missing = {module: importable(module, python) for case in selected for module in case.needs}
     peak_flops = matmul_peak(mode, python)  # first: nothing else runs on the device yet
     plans = plan_supported(python)
-    say(f"matmul peak (bf16): {report.flops_rate(peak_flops)}; memory plan: {'--plan_json' if plans else 'n/a'}")
+    say(f"matmul peak ({mode.peak_dtype}): {report.flops_rate(peak_flops)}; memory plan: {'--plan_json' if plans else 'n/a'}")
     shapes = dict.fromkeys(cases.shape_of(case, mode) for case in selected if not any(missing[m] for m in case.needs))
     # One model at a time, in the order the cases need them: the first cases train while the next is made.
     preparing = ThreadPoolExecutor(max_workers=1)
@@ -165,7 +166,7 @@ def run_check(args) -> int:
     data = prepare_data(mode, work, tokenizer_dir)
     jobs = 1 if mode.serialize_big else args.jobs or 2
     summary = {"mode": mode.name, "complete": False, "versions": found, "matmul_peak_flops": peak_flops,
-               "plans": plans, "seconds": None, "work": str(work), "cases": []}
+               "matmul_peak_dtype": mode.peak_dtype, "plans": plans, "seconds": None, "work": str(work), "cases": []}
 
     def write_json() -> None:
         summary["seconds"] = round(time.monotonic() - started, 1)

@@ -11,11 +11,14 @@ bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_load_memory.py"))
 
 
 @pytest.mark.slow
-def test_loading_holds_one_copy_in_the_training_dtype(tmp_path, capsys):
+def test_loading_holds_one_copy_in_the_training_dtype(tmp_path, capsys, monkeypatch):
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # where DeepSpeed would build an op
     rows = bench["main"](["--hidden", "512", "--layers", "4", "--ffn", "2048", "--vocab", "16384", "--ranks", "2",
                           "--ds-dtypes", "auto",  # fp32 under ZeRO-2/3: test_deepspeed_loading
                           "--work", str(tmp_path), "--json", str(tmp_path / "rows.json")])
     assert "peak RSS" in capsys.readouterr().out and (tmp_path / "rows.json").is_file()
+    assert not extensions.exists()  # the ranks compiled nothing (DeepSpeed's CPU shared-memory op)
     whole = next(row["held_mib"] for row in rows if row.get("loader") == "transformers")
     assert 60 <= whole <= 70  # 33.6M parameters in bf16
 

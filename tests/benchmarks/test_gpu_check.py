@@ -165,6 +165,7 @@ def run_dry(tmp_path, names: list[str]) -> tuple[dict, dict]:
     assert "peak RSS GB" in run.stdout and "planned GB" in run.stdout
     summary = json.loads(out.read_text())
     assert summary["versions"]["torch"]
+    assert summary["matmul_peak_dtype"] == "float32" and summary["matmul_peak_flops"] > 0  # as the cases train
     rows = {r["case"]: r for r in summary["cases"]}
     assert list(rows) == names
     return summary, rows
