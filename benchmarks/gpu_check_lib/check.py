@@ -158,6 +158,8 @@ def run_check(args) -> int:
     peak_flops = matmul_peak(mode, python)  # first: nothing else runs on the device yet
     plans = plan_supported(python)
     say(f"matmul peak ({mode.peak_dtype}): {report.flops_rate(peak_flops)}; memory plan: {'--plan_json' if plans else 'n/a'}")
+    if warning := report.slow_cpu_warning(mode.name, peak_flops):
+        say(warning)
     shapes = dict.fromkeys(cases.shape_of(case, mode) for case in selected if not any(missing[m] for m in case.needs))
     # One model at a time, in the order the cases need them: the first cases train while the next is made.
     preparing = ThreadPoolExecutor(max_workers=1)

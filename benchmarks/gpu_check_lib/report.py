@@ -13,6 +13,22 @@ CHECKPOINT_SLACK_BYTES = 2 << 20  # RNG states, scheduler, trainer state, traini
 # bf16 (or fp32 on the CPU) losses of one packed row and the same records padded: their sums run in
 # another order and through other kernels, nothing more.
 PACKED_LOSS_TOLERANCE = {"gpu": 0.02, "cpu": 0.02, "dry": 1e-4}
+# The --cpu rehearsal took about 90 minutes on a CPU multiplying bf16 at about 10 GFLOP/s; its time
+# scales with that rate, which a CPU without a fast bf16 path (AVX2 only) has 30 times lower.
+CPU_REHEARSAL_MINUTES, CPU_REHEARSAL_FLOPS = 90, 10e9
+
+
+def slow_cpu_warning(mode_name: str, peak_flops: float | None) -> str | None:
+    """For the --cpu rehearsal on a CPU whose bf16 matmul rate would stretch it past a few hours: how long
+    it would take, and what to do instead."""
+    if mode_name != "cpu" or not peak_flops:
+        return None
+    hours = CPU_REHEARSAL_MINUTES / 60 * CPU_REHEARSAL_FLOPS / peak_flops
+    if hours < 4:
+        return None
+    return (f"warning: this CPU multiplies bf16 matrices at {flops_rate(peak_flops)}, so the rehearsal would take "
+            f"about {hours:.0f} hours (about {CPU_REHEARSAL_MINUTES} minutes at {flops_rate(CPU_REHEARSAL_FLOPS)}): "
+            f"run --cpu on a CPU with AVX-512, or fewer cases with --cases (docs/gpu-check.md)")
 
 
 def new_row(case: str, method: str, shape: str, attention: str, tokens: int) -> dict:
@@ -93,7 +109,9 @@ def gigabytes(value: int | None) -> str:
 def flops_rate(value: float | None) -> str:
     if value is None:
         return "n/a"
-    return f"{value / 1e12:.1f} TFLOP/s" if value >= 1e12 else f"{value / 1e9:.0f} GFLOP/s"
+    if value >= 1e12:
+        return f"{value / 1e12:.1f} TFLOP/s"
+    return f"{value / 1e9:.0f} GFLOP/s" if value >= 10e9 else f"{value / 1e9:.1f} GFLOP/s"
 
 
 def rate(value: float | None) -> str:

@@ -63,6 +63,15 @@ def test_a_checkpoint_holding_frozen_weights_fails():
     assert problem(None, prefix) == "no checkpoint was written"
 
 
+def test_the_cpu_rehearsal_warns_where_bf16_matmuls_are_slow():
+    warning = report.slow_cpu_warning("cpu", 0.3e9)  # an AVX2-only CPU
+    assert warning.startswith("warning: this CPU multiplies bf16 matrices at 0.3 GFLOP/s")
+    assert "about 50 hours" in warning and "AVX-512" in warning
+    assert report.slow_cpu_warning("cpu", 10e9) is None  # about 90 minutes
+    assert report.slow_cpu_warning("cpu", None) is None  # not measured
+    assert report.slow_cpu_warning("dry", 0.3e9) is None  # --dry trains in fp32
+
+
 def test_step_time_is_the_median_between_steps_or_the_one_step_from_its_forward():
     seconds = report.step_seconds
     assert seconds([10.0, 11.0, 12.5, 13.5], 9.0) == 1.0
