@@ -11,7 +11,7 @@
 #
 #   bash benchmarks/gpu_check.sh                    # on a GPU machine; cases that would start after 450 s are skipped
 #   bash benchmarks/gpu_check.sh --cpu              # the 6B rehearsal on this CPU (< 20 GB RSS; about 90 min on 2 busy cores)
-#   bash benchmarks/gpu_check.sh --dry              # tiny shapes on the CPU, every case's code path (12-15 min)
+#   bash benchmarks/gpu_check.sh --dry              # tiny shapes on the CPU, every case's code path (7-15 min)
 #   bash benchmarks/gpu_check.sh --cases ptuning lora --json out.json
 #
 # Through the device tool of this workplace (its GPU machine has torch 2.11+cu130, transformers 5.17,
